@@ -1,0 +1,99 @@
+"""The exception types mpfeed raises, one per cause.
+
+`ClosedError` means you closed the feeder; `WorkerError` means a worker broke it (and the feeder stays
+broken); `StopIteration` ends an epoch. Where a familiar built-in fits, the type subclasses it so that
+existing ``except`` clauses keep working.
+"""
+
+from __future__ import annotations
+
+import signal
+
+
+class MpfeedError(Exception):
+    """Base class of every error mpfeed raises itself."""
+
+
+class ClosedError(MpfeedError, RuntimeError):
+    """The feeder was closed; it hands out nothing more."""
+
+
+class ShmSpaceError(MpfeedError, OSError):
+    """`/dev/shm` has too little free space for the ring buffers the feeder needs."""
+
+
+class WorkerError(MpfeedError, RuntimeError):
+    """A worker process failed; the message names the worker, its pid, the element and the cause.
+
+    Attributes: ``worker`` (shard index), ``pid``, ``element`` (index of the element within the worker's
+    shard that it was producing, or None), ``epoch``, and ``remote_traceback`` (text, or None).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        worker: int,
+        pid: int | None,
+        element: int | None = None,
+        epoch: int | None = None,
+        remote_traceback: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.worker = worker
+        self.pid = pid
+        self.element = element
+        self.epoch = epoch
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self):
+        return _rebuild, (type(self), str(self), dict(self.__dict__))
+
+
+def _rebuild(cls, message, state):
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
+
+class SourceError(WorkerError):
+    """The user's source raised an exception inside a worker.
+
+    ``exc_type`` is the qualified name of the exception's type; ``remote_traceback`` its traceback.
+    """
+
+    exc_type: str = ""
+
+
+class ElementError(WorkerError, TypeError, ValueError):
+    """The source produced an element mpfeed cannot carry (a bad leaf, a changed structure or dtype).
+
+    It is both a `TypeError` and a `ValueError`, so either ``except`` clause catches it.
+    """
+
+
+class WorkerDiedError(WorkerError):
+    """A worker process ended without being asked to: killed by a signal or exited on its own.
+
+    ``exitcode`` is the process's exit code (negative for a signal, as in `subprocess`).
+    """
+
+    exitcode: int | None = None
+
+
+class WorkerTimeoutError(WorkerError, TimeoutError):
+    """A worker produced nothing for longer than the feeder's ``timeout``."""
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """Words for a process exit code: ``killed by SIGKILL (-9)`` or ``exited with code 3``."""
+    if exitcode is None:
+        return "ended (exit status unknown)"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"was killed by {name} ({exitcode})"
+    return f"exited with code {exitcode}"

@@ -1,0 +1,64 @@
+"""The messages a worker and the consumer exchange over the worker's pipe, one tag byte each.
+
+Worker to consumer, in the order they happen (one pipe per worker keeps them ordered):
+    FILLED   slot u32, epoch u32       a record waits in that slot
+    INLINE   epoch u32, record bytes   a record that has no slot (the first one, or one too big for a slot)
+    END      epoch u32, count u64      the shard's epoch is over after ``count`` elements
+    ATTACHED                           the worker mapped its ring; the name can go
+    FAILED   pickled dict              the source raised, or an element was refused; the worker exits
+
+Consumer to worker:
+    CREDIT   slot u32                  the slot is free again
+    RING     pickled (name, depth, slot_bytes)
+    EPOCH    epoch u32                 start (or restart at) this epoch
+    STOP                               close the source and exit
+"""
+
+from __future__ import annotations
+
+import struct
+
+FILLED, INLINE, END, ATTACHED, FAILED = b"F", b"I", b"E", b"A", b"X"
+CREDIT, RING, EPOCH, STOP = b"C", b"R", b"N", b"S"
+
+_U32 = struct.Struct("<I")
+_U32x2 = struct.Struct("<II")
+_END = struct.Struct("<IQ")
+
+
+def filled(slot: int, epoch: int) -> bytes:
+    return FILLED + _U32x2.pack(slot, epoch)
+
+
+def read_filled(message: bytes) -> tuple[int, int]:
+    """``(slot, epoch)``."""
+    return _U32x2.unpack_from(message, 1)
+
+
+def inline_prefix(epoch: int) -> bytes:
+    return INLINE + _U32.pack(epoch)
+
+
+INLINE_HEADER = 1 + _U32.size  # the record starts this far into an INLINE message
+
+
+def end(epoch: int, count: int) -> bytes:
+    return END + _END.pack(epoch, count)
+
+
+def read_end(message: bytes) -> tuple[int, int]:
+    """``(epoch, count)``."""
+    return _END.unpack_from(message, 1)
+
+
+def credit(slot: int) -> bytes:
+    return CREDIT + _U32.pack(slot)
+
+
+def epoch(number: int) -> bytes:
+    return EPOCH + _U32.pack(number)
+
+
+def read_u32(message: bytes) -> int:
+    """The number after the tag of an INLINE, CREDIT or EPOCH message."""
+    return _U32.unpack_from(message, 1)[0]

@@ -1,0 +1,253 @@
+"""Start, watch and stop the worker processes; own their rings; turn their failures into errors.
+
+The supervisor is the mechanism under `Feeder`: it knows processes, pipes and segments, never arrays.
+One `multiprocessing.connection.wait` covers every worker's pipe and the consumer's wake-up socket; a
+worker that dies closes its pipe, so its death wakes that wait at once.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import secrets
+import subprocess
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from . import protocol, spawn
+from .errors import ElementError, SourceError, WorkerDiedError, WorkerError, describe_exit
+from .ring import Ring, check_shm_space, slot_size_for
+
+_STOP_GRACE_S = 2.0  # for workers to finish the element in hand and exit on STOP
+_TERMINATE_GRACE_S = 1.0  # after SIGTERM, before SIGKILL
+_EXIT_STATUS_WAIT_S = 5.0  # for a worker whose pipe closed to be reaped
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    """The consumer's view of one worker: its process, pipe, ring and the records it has announced."""
+
+    index: int
+    process: subprocess.Popen
+    connection: Connection
+    ring: Ring | None
+    inbox: deque = field(default_factory=deque)  # messages of the current epoch, oldest first
+    ended: bool = False  # this epoch's END has been taken from the inbox
+    elements: int = 0  # elements delivered from this worker in the current epoch
+    items: int = 0  # elements delivered over the feeder's life
+    bytes: int = 0
+    held: int = 0  # slots whose views the user still holds
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    workers: int
+    depth: int
+    slot_bytes: int | None
+    batch_size: int | None
+    drop_remainder: bool
+    seed: int | None
+
+
+class Supervisor:
+    def __init__(self, source: Any, args: tuple, kwargs: dict, config: WorkerConfig) -> None:
+        self.config = config
+        self.epoch = 0
+        self.overflow = 0
+        self.closed = False
+        self.handles: list[WorkerHandle] = []
+        work = spawn.pickle_work(source, args, kwargs)
+        main_spec = spawn.main_module_spec(work)
+        seed = config.seed if config.seed is not None else secrets.randbits(63)
+        rings: list[Ring | None] = [None] * config.workers
+        try:
+            if config.slot_bytes is not None:
+                total = config.workers * config.depth * config.slot_bytes
+                check_shm_space(total, total, config.workers, config.depth, config.slot_bytes)
+                rings = [Ring.create(config.depth, config.slot_bytes, workers=config.workers) for _ in rings]
+            for index, ring in enumerate(rings):
+                worker_config = {
+                    "index": index,
+                    "count": config.workers,
+                    "seed": seed,
+                    "depth": config.depth,
+                    "batch_size": config.batch_size,
+                    "drop_remainder": config.drop_remainder,
+                    "ring": None if ring is None else (ring.name, ring.depth, ring.slot_bytes),
+                    "parent_pid": os.getpid(),
+                }
+                process, connection = spawn.launch(work, main_spec, worker_config)
+                self.handles.append(WorkerHandle(index, process, connection, ring))
+        except BaseException:
+            for ring in rings[len(self.handles) :]:
+                if ring is not None:
+                    ring.close()
+            self.close()
+            raise
+
+    # -- epochs --------------------------------------------------------------------------------------
+
+    def start_epoch(self, number: int) -> None:
+        """Ask every worker for epoch ``number`` (they start epoch 0 by themselves)."""
+        self.epoch = number
+        for handle in self.handles:
+            for message in handle.inbox:
+                if message[:1] == protocol.FILLED:
+                    self.credit(handle, protocol.read_filled(message)[0])
+            handle.inbox.clear()
+            handle.ended = False
+            handle.elements = 0
+            if number > 0:
+                self._send(handle, protocol.epoch(number))
+
+    def credit(self, handle: WorkerHandle, slot: int) -> None:
+        """Give a slot back to its worker."""
+        self._send(handle, protocol.credit(slot))
+
+    def _send(self, handle: WorkerHandle, message: bytes) -> None:
+        try:
+            handle.connection.send_bytes(message)
+        except OSError:
+            pass  # the worker is gone; reading its pipe reports how
+
+    # -- watching ------------------------------------------------------------------------------------
+
+    def wait(self, extra: list, timeout: float | None) -> list:
+        """Wait until a worker says something (or dies) or an ``extra`` object is ready; read every worker
+        that spoke into its inbox. Returns the ready ``extra`` objects. Raises `WorkerError` on a failure."""
+        connections = {handle.connection: handle for handle in self.handles}
+        ready = wait([*connections, *extra], timeout)
+        for item in ready:
+            handle = connections.get(item)
+            if handle is not None:
+                self.read(handle)
+        return [item for item in ready if item not in connections]
+
+    def read(self, handle: WorkerHandle) -> None:
+        """Take every message waiting in a worker's pipe."""
+        connection = handle.connection
+        try:
+            while connection.poll(0):
+                self._dispatch(handle, connection.recv_bytes())
+        except (EOFError, OSError):
+            raise self.death(handle) from None
+
+    def _dispatch(self, handle: WorkerHandle, message: bytes) -> None:
+        tag = message[:1]
+        if tag == protocol.FILLED:
+            if protocol.read_filled(message)[1] == self.epoch:
+                handle.inbox.append(message)
+            else:
+                self.credit(handle, protocol.read_filled(message)[0])
+        elif tag == protocol.INLINE:
+            if handle.ring is None:
+                self._create_ring(handle, len(message) - protocol.INLINE_HEADER)
+            else:
+                self.overflow += 1
+            if protocol.read_u32(message) == self.epoch:
+                handle.inbox.append(message)
+        elif tag == protocol.END:
+            if protocol.read_end(message)[0] == self.epoch:
+                handle.inbox.append(message)
+        elif tag == protocol.ATTACHED:
+            if handle.ring is not None:
+                handle.ring.unlink()
+        elif tag == protocol.FAILED:
+            raise self._failure(handle, pickle.loads(message[1:]))
+
+    def _create_ring(self, handle: WorkerHandle, record_bytes: int) -> None:
+        slot_bytes = slot_size_for(record_bytes)
+        handle.ring = Ring.create(self.config.depth, slot_bytes, workers=self.config.workers)
+        self._send(handle, protocol.RING + pickle.dumps((handle.ring.name, handle.ring.depth, slot_bytes)))
+
+    # -- failures ------------------------------------------------------------------------------------
+
+    def _who(self, handle: WorkerHandle) -> str:
+        return f"worker {handle.index} (pid {handle.pid})"
+
+    def _failure(self, handle: WorkerHandle, info: dict) -> WorkerError:
+        where = f"while producing element {info['element']} of its shard (epoch {info['epoch']})"
+        details = dict(worker=handle.index, pid=handle.pid, element=info["element"], epoch=info["epoch"])
+        if info["where"] == "element":
+            return ElementError(f"{self._who(handle)} produced a bad element {where}: {info['message']}", **details)
+        if info["exit_code"] is not None or info["type"] == "SystemExit":
+            error = WorkerDiedError(
+                f"{self._who(handle)} exited with code {info['exit_code']}: the source called "
+                f"sys.exit({info['exit_code']!r}) {where}",
+                **details,
+            )
+            error.exitcode = info["exit_code"]
+            return error
+        if info["where"] == "start":
+            return WorkerError(
+                f"{self._who(handle)} could not start: {info['type']}: {info['message']}\n\n"
+                f"Worker traceback:\n{info['traceback']}",
+                remote_traceback=info["traceback"],
+                **details,
+            )
+        error = SourceError(
+            f"{self._who(handle)} raised {info['type']}: {info['message']} {where}\n\n"
+            f"Worker traceback:\n{info['traceback']}",
+            remote_traceback=info["traceback"],
+            **details,
+        )
+        error.exc_type = info["type"]
+        return error
+
+    def death(self, handle: WorkerHandle) -> WorkerDiedError:
+        try:
+            exitcode = handle.process.wait(_EXIT_STATUS_WAIT_S)
+        except subprocess.TimeoutExpired:
+            exitcode = None
+        state = "after its shard ended" if handle.ended else (
+            f"while producing element {handle.elements} of its shard (epoch {self.epoch})"
+        )
+        error = WorkerDiedError(
+            f"{self._who(handle)} {describe_exit(exitcode)} {state}",
+            worker=handle.index,
+            pid=handle.pid,
+            element=None if handle.ended else handle.elements,
+            epoch=self.epoch,
+        )
+        error.exitcode = exitcode
+        return error
+
+    # -- stopping ------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop every worker (STOP, then SIGTERM, then SIGKILL, each with a deadline), reap them, and
+        release every segment. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for handle in self.handles:
+            self._send(handle, protocol.STOP)
+        _wait_all(self.handles, _STOP_GRACE_S)
+        for handle in self.handles:
+            if handle.process.poll() is None:
+                handle.process.terminate()
+        _wait_all(self.handles, _TERMINATE_GRACE_S)
+        for handle in self.handles:
+            if handle.process.poll() is None:
+                handle.process.kill()
+            handle.process.wait()
+            handle.connection.close()
+            handle.inbox.clear()
+            if handle.ring is not None:
+                handle.ring.close()
+
+
+def _wait_all(handles: list[WorkerHandle], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    for handle in handles:
+        try:
+            handle.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass

@@ -1,0 +1,220 @@
+"""The worker main loop: run the source for this shard, write records into ring slots, report the end of
+each epoch or the first failure, and exit when told to or when the parent dies.
+
+A worker never imports TensorFlow (`mpfeed.spawn` guards against it) and never creates shared memory: the
+supervisor creates its ring, the worker only attaches.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import threading
+import time
+import traceback
+from collections import deque
+from multiprocessing.connection import Connection
+from typing import Any, NoReturn
+
+import numpy as np
+
+from . import protocol
+from .layout import Encoder, flatten
+from .ring import Ring
+from .shard import Shard, shard_seed
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_ORPHANED = 2
+
+_PARENT_CHECK_S = 0.5
+_CONTROL_POLL_S = 0.5
+
+
+class _Restart(Exception):
+    """The consumer asked for another epoch while this one was running."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class _Stop(Exception):
+    """The consumer asked the worker to stop."""
+
+
+class _Failed(Exception):
+    """The failure was reported; the worker exits with ``code``."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+def run(connection: Connection, source: Any, args: tuple, kwargs: dict, config: dict) -> int:
+    """Produce epochs until stopped; returns the process exit code."""
+    _watch_parent(config["parent_pid"])
+    return _Worker(connection, source, args, kwargs, config).run()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit when the consumer dies, even while the source computes. We compare ``os.getppid()`` instead of
+    using PR_SET_PDEATHSIG, which fires when the *thread* that started us ends."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_CHECK_S)
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="mpfeed-parent-watch", daemon=True).start()
+
+
+def report_failure(
+    connection: Connection, where: str, error: BaseException, *, element: int | None, epoch: int
+) -> None:
+    """Tell the consumer why this worker is about to exit: the exception as text, frames dropped."""
+    kind = type(error)
+    qualname = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    info = {
+        "where": where,
+        "type": qualname,
+        "message": str(error),
+        "traceback": "".join(traceback.format_exception(kind, error, error.__traceback__)),
+        "element": element,
+        "epoch": epoch,
+        "exit_code": error.code if isinstance(error, SystemExit) else None,
+    }
+    try:
+        connection.send_bytes(protocol.FAILED + pickle.dumps(info))
+    except OSError:
+        pass
+
+
+class _Worker:
+    def __init__(self, connection: Connection, source: Any, args: tuple, kwargs: dict, config: dict) -> None:
+        self.connection = connection
+        self.source = source
+        self.args = args
+        self.kwargs = kwargs
+        self.index: int = config["index"]
+        self.count: int = config["count"]
+        self.seed: int = config["seed"]
+        self.depth: int = config["depth"]
+        self.batch_size: int | None = config["batch_size"]
+        self.drop_remainder: bool = config["drop_remainder"]
+        self.ring: Ring | None = None
+        self.free: deque[int] = deque()
+        self.encoder = Encoder()
+        if config["ring"] is not None:
+            self._attach(*config["ring"])
+
+    def run(self) -> int:
+        epoch = 0
+        try:
+            while True:
+                try:
+                    self._run_epoch(epoch)
+                    self._idle()
+                except _Restart as restart:
+                    epoch = restart.epoch
+        except _Stop:
+            return EXIT_OK
+        except _Failed as failed:
+            return failed.code
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            return EXIT_ORPHANED  # the consumer's end of the pipe is gone
+        except BaseException as error:  # a fault of mpfeed's own: report it like a source's
+            report_failure(self.connection, "worker", error, element=None, epoch=epoch)
+            return EXIT_FAILED
+
+    # -- one epoch -----------------------------------------------------------------------------------
+
+    def _run_epoch(self, epoch: int) -> None:
+        shard = Shard(self.index, self.count, epoch, shard_seed(self.seed, self.index, epoch))
+        random.seed(shard.seed)
+        np.random.seed(shard.seed)
+        produced = 0
+        try:
+            iterator = iter(self.source(*self.args, shard=shard, **self.kwargs))
+        except BaseException as error:
+            raise self._fail("source", error, produced, epoch) from None
+        try:
+            batch: list = []
+            while True:
+                self._handle_control(block=False)
+                try:
+                    element = next(iterator)
+                except StopIteration:
+                    break
+                except BaseException as error:
+                    raise self._fail("source", error, produced, epoch) from None
+                produced += 1
+                if self.batch_size is None:
+                    self._emit([flatten(element)], produced - 1, epoch, batched=False)
+                    continue
+                batch.append(flatten(element))
+                if len(batch) == self.batch_size:
+                    self._emit(batch, produced - len(batch), epoch, batched=True)
+                    batch = []
+            if batch and not self.drop_remainder:
+                self._emit(batch, produced - len(batch), epoch, batched=True)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+        self.connection.send_bytes(protocol.end(epoch, produced))
+
+    def _emit(self, items: list, seq: int, epoch: int, batched: bool) -> None:
+        try:
+            record = self.encoder.prepare(items, seq, batched)
+        except (TypeError, ValueError) as error:
+            raise self._fail("element", error, seq, epoch) from None
+        if self.ring is None or record.nbytes > self.ring.slot_bytes:
+            message = bytearray(protocol.INLINE_HEADER + record.nbytes)
+            message[: protocol.INLINE_HEADER] = protocol.inline_prefix(epoch)
+            record.write(memoryview(message)[protocol.INLINE_HEADER :])
+            self.connection.send_bytes(message)
+            while self.ring is None:  # the consumer sizes our ring from this first record
+                self._handle_control(block=True)
+            return
+        while not self.free:
+            self._handle_control(block=True)
+        slot = self.free.popleft()
+        record.write(self.ring.slot(slot))
+        self.connection.send_bytes(protocol.filled(slot, epoch))
+
+    def _fail(self, where: str, error: BaseException, element: int, epoch: int) -> _Failed:
+        report_failure(self.connection, where, error, element=element, epoch=epoch)
+        if isinstance(error, SystemExit) and isinstance(error.code, int):
+            return _Failed(error.code)
+        return _Failed(EXIT_FAILED)
+
+    # -- control messages ----------------------------------------------------------------------------
+
+    def _idle(self) -> NoReturn:
+        """Between epochs: wait for the consumer to ask for the next one (or to stop)."""
+        while True:
+            self._handle_control(block=True)
+
+    def _handle_control(self, block: bool) -> None:
+        """Apply every waiting control message; with ``block``, wait (a while) for at least one.
+
+        Raises `_Restart` or `_Stop` when the consumer asks for that."""
+        connection = self.connection
+        if block and not connection.poll(_CONTROL_POLL_S):
+            return
+        while connection.poll(0):
+            message = connection.recv_bytes()
+            tag = message[:1]
+            if tag == protocol.CREDIT:
+                self.free.append(protocol.read_u32(message))
+            elif tag == protocol.EPOCH:
+                raise _Restart(protocol.read_u32(message))
+            elif tag == protocol.RING:
+                self._attach(*pickle.loads(message[1:]))
+            elif tag == protocol.STOP:
+                raise _Stop
+
+    def _attach(self, name: str, depth: int, slot_bytes: int) -> None:
+        self.ring = Ring.attach(name, depth, slot_bytes)
+        self.free = deque(range(depth))
+        self.connection.send_bytes(protocol.ATTACHED)

@@ -1,0 +1,1 @@
+"""Module-level sources for the tests: spawned workers import them by name."""
