@@ -230,7 +230,11 @@ class Feeder:
     def stats(self) -> FeederStats:
         """Counters since the feeder started: throughput, waiting, overflow, copies, per-worker use."""
         elapsed = max(time.monotonic() - self._started, 1e-9)
-        workers = tuple(_worker_stats(handle) for handle in self._supervisor.handles)
+        released = list(self._releases.slots)  # views already dead, their credits not yet sent
+        workers = tuple(
+            _worker_stats(handle, sum(1 for index, _ in released if index == handle.index))
+            for handle in self._supervisor.handles
+        )
         items = sum(w.items for w in workers)
         nbytes = sum(w.bytes for w in workers)
         return FeederStats(
@@ -368,19 +372,18 @@ class Feeder:
     def _open(self, handle: WorkerHandle, message: bytes) -> Any:
         """Decode one record into the element the user gets."""
         if message[:1] == protocol.INLINE:
-            base = _aligned_copy(memoryview(message)[protocol.INLINE_HEADER :])
+            base = _readonly_copy(memoryview(message)[protocol.INLINE_HEADER :])
             element, _, count, nbytes = self._decoder.decode(base)
         else:
             slot = protocol.read_filled(message)[0]
             base = handle.ring.slot_view(slot)
-            if handle.held >= self._depth - 1:
-                # Every other slot of this ring is held: copy, or the worker could never write again.
-                record_len = Decoder.header(base)[5]
-                base = base[:record_len].copy()
-                base.flags.writeable = False
+            # When every other slot of this ring is held, copy: otherwise the worker could never write again.
+            copied = handle.held >= self._depth - 1
+            if copied:
+                base = _readonly_copy(base[: Decoder.header(base)[5]])
                 self._copies += 1
             element, views, count, nbytes = self._decoder.decode(base)
-            if views and base.base is not None:
+            if views and not copied:
                 key = (handle.index, slot)
                 self._leases[key] = weakref.ref(base, _release_callback(self._releases, key))
                 handle.held += 1
@@ -425,17 +428,16 @@ def _release_callback(releases: _Releases, key: tuple[int, int]) -> Callable[[An
     return release
 
 
-def _aligned_copy(data: memoryview) -> np.ndarray:
-    """A read-only, 64-byte-aligned copy of a received record, so its leaves are aligned views too."""
+def _readonly_copy(data) -> np.ndarray:
+    """A 64-byte-aligned copy of a record that stays read-only, like views of a slot."""
     raw = np.empty(len(data) + 64, dtype=np.uint8)
     start = -raw.ctypes.data % 64
-    base = raw[start : start + len(data)]
-    base[:] = np.frombuffer(data, dtype=np.uint8)
-    base.flags.writeable = False
-    return base
+    copy = raw[start : start + len(data)]
+    copy[:] = np.frombuffer(data, dtype=np.uint8)
+    return np.frombuffer(memoryview(copy).toreadonly(), dtype=np.uint8)
 
 
-def _worker_stats(handle: WorkerHandle) -> WorkerStats:
+def _worker_stats(handle: WorkerHandle, released: int) -> WorkerStats:
     alive = handle.process.poll() is None
     cpu_s, rss = 0.0, 0
     if alive:
@@ -451,7 +453,7 @@ def _worker_stats(handle: WorkerHandle) -> WorkerStats:
         alive=alive,
         items=handle.items,
         bytes=handle.bytes,
-        held_slots=handle.held,
+        held_slots=handle.held - released,
         queued=len(handle.inbox),
         slot_bytes=handle.ring.slot_bytes if handle.ring is not None else 0,
         cpu_s=cpu_s,

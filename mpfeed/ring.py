@@ -72,6 +72,8 @@ class Ring:
         self._mmap = mapping
         self._named = named
         self._array = np.frombuffer(mapping, dtype=np.uint8)
+        # Views built on a read-only memoryview cannot be made writable again (on the mmap they could).
+        self._readonly = memoryview(mapping).toreadonly()
 
     @classmethod
     def create(cls, depth: int, slot_bytes: int, *, workers: int = 1) -> Ring:
@@ -118,9 +120,7 @@ class Ring:
     def slot_view(self, index: int) -> np.ndarray:
         """Slot ``index`` as a new read-only uint8 array (consumer side); views made from it keep it alive."""
         start = index * self.slot_bytes
-        view = np.frombuffer(self._mmap, dtype=np.uint8, count=self.slot_bytes, offset=start)
-        view.flags.writeable = False
-        return view
+        return np.frombuffer(self._readonly, dtype=np.uint8, count=self.slot_bytes, offset=start)
 
     def unlink(self) -> None:
         """Remove the segment's name from ``/dev/shm``; the memory stays mapped. Idempotent."""
@@ -136,6 +136,7 @@ class Ring:
         self.unlink()
         self._array = None
         try:
+            self._readonly.release()
             self._mmap.close()
         except BufferError:
-            pass
+            pass  # views still hold the mapping; the last one to go unmaps it

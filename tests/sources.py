@@ -1,1 +1,112 @@
-"""Module-level sources for the tests: spawned workers import them by name."""
+"""Module-level sources for the tests: spawned workers import them by name, as users' sources are."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+
+
+def numbered(n, shard, shape=(3, 4)):
+    """Element i is {"x": an array full of i, "i": i}; strided sharding keeps source order."""
+    for i in range(shard.index, n, shard.count):
+        yield {"x": np.full(shape, i, dtype=np.float32), "i": i}
+
+
+def pairs(n, shard):
+    """(array, label) pairs whose content identifies the element: for corruption checks."""
+    for i in range(shard.index, n, shard.count):
+        yield np.arange(i, i + 64, dtype=np.int64).reshape(8, 8), i
+
+
+def every_leaf_type(n, shard):
+    """Nested elements that use every kind of leaf mpfeed carries."""
+    for i in range(shard.index, n, shard.count):
+        yield {
+            "arrays": (
+                np.array([True, False, i % 2 == 0]),
+                np.arange(6, dtype=np.int8).reshape(2, 3) + i,
+                np.arange(3, dtype=np.int16) * i,
+                np.arange(3, dtype=np.int32) - i,
+                np.arange(3, dtype=np.int64) << i,
+                np.arange(4, dtype=np.uint8) + i,
+                np.arange(4, dtype=np.uint16) + i,
+                np.arange(4, dtype=np.uint32) + i,
+                np.arange(4, dtype=np.uint64) + i,
+                np.linspace(0, 1, 5, dtype=np.float16) + i,
+                np.linspace(0, 1, 5, dtype=np.float32) + i,
+                np.linspace(0, 1, 5, dtype=np.float64) + i,
+                np.array([1 + 2j, i], dtype=np.complex64),
+                np.array([3 - 4j, i], dtype=np.complex128),
+                np.zeros((0, 3), dtype=np.float32),
+                np.float32(i) * np.ones((2, 2, 2), dtype=np.float32)[:, ::2],  # not contiguous
+            ),
+            "scalars": [np.int32(i), np.float64(i / 2), np.bool_(i % 2), np.uint8(i)],
+            "python": (i, i / 3, i % 2 == 1, f"text {i} ünïcode", b"bytes\x00" + bytes([i % 256])),
+            "empty": ("", b""),
+        }
+
+
+def sizes(sizes_list, shard):
+    """Element k has sizes_list[k] bytes of uint8 data, each byte the element's index mod 251."""
+    for k in range(shard.index, len(sizes_list), shard.count):
+        yield np.full(sizes_list[k], k % 251, dtype=np.uint8), k
+
+
+def epochs_and_seeds(n, shard):
+    """Reports the shard it was given, the process it runs in, and draws from every seeded RNG."""
+    for i in range(shard.index, n, shard.count):
+        yield {
+            "i": i,
+            "epoch": shard.epoch,
+            "index": shard.index,
+            "seed": shard.seed,
+            "pid": os.getpid(),
+            "random": random.random(),
+            "np_random": np.random.random(),
+            "rng": np.random.default_rng(shard.seed).random(),
+        }
+
+
+def raise_at(n, at, shard):
+    """Raises ValueError at element ``at`` (global index)."""
+    for i in range(shard.index, n, shard.count):
+        if i == at:
+            raise ValueError(f"bad record {i}")
+        yield np.full(4, i), i
+
+
+def kill_self_at(n, at, shard):
+    """SIGKILLs its own process at element ``at``."""
+    for i in range(shard.index, n, shard.count):
+        if i == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield np.full(4, i), i
+
+
+def slow(n, delay, shard):
+    """Each element takes ``delay`` seconds."""
+    for i in range(shard.index, n, shard.count):
+        time.sleep(delay)
+        yield np.full(4, i), i
+
+
+def yields_leaf(leaf, shard):
+    """Yields one good element, then ``leaf`` inside a nest."""
+    yield {"image": np.zeros(3), "label": 0}
+    yield {"image": leaf, "label": 1}
+
+
+def tensorflow_state(shard):
+    """What the worker's interpreter has loaded."""
+    module = sys.modules.get("tensorflow")
+    yield {
+        "tensorflow_in_modules": module is not None,
+        "tensorflow_is_real": module is not None and hasattr(module, "__file__"),
+        "tensorflow_python_loaded": "tensorflow.python" in sys.modules
+        and hasattr(sys.modules["tensorflow.python"], "__file__"),
+    }

@@ -1,0 +1,62 @@
+"""Test hygiene: a deadline per test that dumps every stack, and a check that each test leaves no child
+process, no thread and no /dev/shm entry of ours behind."""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+TEST_DEADLINE_S = 150
+LEAK_GRACE_S = 10.0
+
+
+def shm_entries() -> set[str]:
+    """Our names in /dev/shm: ring segments (mpfeed-*) and any multiprocessing semaphores (sem.mp-*)."""
+    try:
+        names = os.listdir("/dev/shm")
+    except FileNotFoundError:
+        return set()
+    return {name for name in names if name.startswith(("mpfeed-", "sem.mp-"))}
+
+
+def live_children() -> list[psutil.Process]:
+    children = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                children.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return children
+
+
+@pytest.fixture(autouse=True)
+def deadline():
+    """Fail loudly instead of hanging: after the deadline, dump every thread's stack and exit."""
+    faulthandler.dump_traceback_later(TEST_DEADLINE_S, exit=True, file=sys.stderr)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    shm_before = shm_entries()
+    threads_before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + LEAK_GRACE_S
+    while True:
+        children = live_children()
+        shm_left = shm_entries() - shm_before
+        threads_left = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+        if not (children or shm_left or threads_left) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not children, f"child processes left behind: {[(c.pid, c.cmdline()) for c in children]}"
+    assert not shm_left, f"/dev/shm entries left behind: {sorted(shm_left)}"
+    assert not threads_left, f"threads left behind: {threads_left}"
