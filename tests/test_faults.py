@@ -1,0 +1,226 @@
+"""Faults caused for real: a source that raises, workers killed or exiting, bad elements, stalls,
+unpicklable sources, a too-small /dev/shm, and a consumer that dies. Nothing may hang or leak."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import sources
+from conftest import shm_entries
+
+import mpfeed
+
+HANG_BOUND_S = 30  # generous: these must answer in about a second; the bound only catches hangs
+
+
+def _consume(feeder):
+    started = time.monotonic()
+    with pytest.raises(mpfeed.WorkerError) as caught:
+        for _ in feeder:
+            pass
+    assert time.monotonic() - started < HANG_BOUND_S
+    return caught.value
+
+
+def _assert_stopped(processes):
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    assert not alive, f"workers still running: {alive}"
+
+
+def test_an_exception_in_the_source_reaches_the_consumer_with_its_traceback():
+    feeder = mpfeed.Feeder(sources.raise_at, args=(20, 7), workers=2)
+    processes = [psutil.Process(w.pid) for w in feeder.stats().workers]
+    error = _consume(feeder)
+    assert isinstance(error, mpfeed.SourceError)
+    assert error.worker == 1 and error.element == 3 and error.pid == processes[1].pid
+    assert error.exc_type == "ValueError"
+    message = str(error)
+    assert f"worker 1 (pid {error.pid}) raised ValueError: bad record 7" in message
+    assert "element 3 of its shard" in message
+    assert "raise_at" in error.remote_traceback and 'raise ValueError(f"bad record {i}")' in message
+    # Broken stays broken: the same error again, every worker stopped, every segment released.
+    with pytest.raises(mpfeed.SourceError, match="bad record 7"):
+        iter(feeder)
+    _assert_stopped(processes)
+    feeder.close()
+
+
+def test_a_worker_killed_with_sigkill_is_reported_not_waited_for():
+    with mpfeed.Feeder(sources.kill_self_at, args=(40, 9), workers=3) as feeder:
+        error = _consume(feeder)
+    assert isinstance(error, mpfeed.WorkerDiedError)
+    assert error.worker == 0 and error.exitcode == -signal.SIGKILL
+    assert "was killed by SIGKILL (-9) while producing element 3 of its shard" in str(error)
+
+
+def test_a_worker_killed_from_outside_wakes_a_waiting_consumer():
+    with mpfeed.Feeder(sources.slow, args=(10, 60.0), workers=2) as feeder:
+        victim = feeder.stats().workers[1].pid
+        threading.Timer(0.5, os.kill, (victim, signal.SIGKILL)).start()
+        started = time.monotonic()
+        error = _consume(feeder)
+        assert time.monotonic() - started < HANG_BOUND_S
+    assert isinstance(error, mpfeed.WorkerDiedError) and error.pid == victim
+    assert "SIGKILL (-9)" in str(error)
+
+
+@pytest.mark.parametrize(
+    "how, expected",
+    [
+        ("sys.exit(3)", "exited with code 3: the source called sys.exit(3)"),
+        ("os._exit(0)", "exited with code 0 while producing element"),
+        ("faulthandler._sigsegv()", "was killed by SIGSEGV (-11)"),
+    ],
+)
+def test_a_worker_that_exits_mid_stream_is_an_error(how, expected):
+    with mpfeed.Feeder(sources.die_at, args=(20, 5, how), workers=2) as feeder:
+        error = _consume(feeder)
+    assert isinstance(error, mpfeed.WorkerDiedError)
+    assert expected in str(error)
+    assert error.worker == 1
+
+
+@pytest.mark.parametrize(
+    "leaf, kind, words",
+    [
+        (None, TypeError, "element['image'] is a builtins.NoneType"),
+        (np.array([1, "a"], dtype=object), TypeError, "element['image'] is a numpy array of dtype object"),
+        (np.zeros(3, dtype=np.int32), ValueError, "element['image'] changed mid-stream from a 1-d array of float64"),
+        ((np.zeros(3),), ValueError, "structure changed mid-stream"),
+    ],
+)
+def test_a_bad_element_gets_an_error_naming_the_leaf(leaf, kind, words):
+    with mpfeed.Feeder(sources.yields_leaf, args=(leaf,), workers=1) as feeder:
+        error = _consume(feeder)
+    assert isinstance(error, mpfeed.ElementError) and isinstance(error, kind)
+    assert words in str(error)
+    assert "worker 0" in str(error) and "element 1 of its shard" in str(error)
+
+
+def test_a_stalled_source_times_out_with_the_workers_name():
+    with mpfeed.Feeder(sources.slow, args=(4, 30.0), workers=2, timeout=0.5) as feeder:
+        error = _consume(feeder)
+    assert isinstance(error, mpfeed.WorkerTimeoutError) and isinstance(error, TimeoutError)
+    assert "worker 0" in str(error) and "0.5 s" in str(error)
+
+
+def test_an_unpicklable_source_or_argument_is_refused_before_any_worker_starts():
+    with pytest.raises(TypeError, match=r"source must be picklable; '.*<lambda>' can't be pickled.*define it at module level"):
+        mpfeed.Feeder(lambda shard: iter(()), workers=1)
+    with pytest.raises(TypeError, match=r"args\[1\] must be picklable; 'lock'"):
+        mpfeed.Feeder(sources.numbered, args=(4, threading.Lock()), workers=1)
+    assert not psutil.Process().children()
+
+
+def test_dev_shm_too_small_is_refused_before_any_worker_starts():
+    free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
+    slot_bytes = free  # 2 workers x depth 2 x everything free: four times too much
+    with pytest.raises(mpfeed.ShmSpaceError) as caught:
+        mpfeed.Feeder(sources.numbered, args=(4,), workers=2, depth=2, slot_bytes=slot_bytes)
+    message = str(caught.value)
+    assert "--shm-size" in message and "fewer workers" in message and "slot_bytes" in message
+    assert f"{4 * mpfeed.layout.align(slot_bytes):,}" in message
+    assert not psutil.Process().children()
+    assert isinstance(caught.value, OSError)
+
+
+def test_the_error_survives_the_trip_through_tensorflow():
+    tf = pytest.importorskip("tensorflow")
+    with mpfeed.Feeder(sources.raise_at, args=(20, 7), workers=2) as feeder:
+        ds = feeder.dataset()
+        with pytest.raises(tf.errors.OpError) as caught:
+            for _ in ds:
+                pass
+    message = str(caught.value)
+    assert "worker 1 (pid" in message and "raised ValueError: bad record 7" in message
+
+
+def _run_script(body: str, **popen_options) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    code = textwrap.dedent(body)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env, **popen_options
+    )
+
+
+_CONSUMER = """
+    import sys, time, sources, mpfeed
+    feeder = mpfeed.Feeder(sources.slow, args=(100000, 0.001), workers=2)
+    iterator = iter(feeder)
+    next(iterator)  # every worker has sent its first element; rings are attached once this flows
+    for _ in range(50):
+        next(iterator)
+    print(" ".join(str(w.pid) for w in feeder.stats().workers), flush=True)
+    time.sleep(120)
+"""
+
+
+def test_workers_exit_when_the_consumer_is_killed():
+    consumer = _run_script(_CONSUMER)
+    try:
+        pids = [int(pid) for pid in consumer.stdout.readline().split()]
+        assert len(pids) == 2
+        workers = [psutil.Process(pid) for pid in pids]
+        consumer.kill()
+        consumer.wait(10)
+        _, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive
+        assert not shm_entries()
+    finally:
+        consumer.kill()
+        consumer.wait()
+        consumer.stdout.close()
+
+
+def test_sigkill_of_the_whole_process_group_leaves_nothing_in_dev_shm():
+    consumer = _run_script(_CONSUMER, start_new_session=True)
+    try:
+        pids = [int(pid) for pid in consumer.stdout.readline().split()]
+        assert len(pids) == 2
+        os.killpg(consumer.pid, signal.SIGKILL)
+        consumer.wait(10)
+        _, alive = psutil.wait_procs([psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)], timeout=15)
+        assert not alive
+        assert not shm_entries(), "names must be gone once workers attached"
+    finally:
+        consumer.kill()
+        consumer.wait()
+        consumer.stdout.close()
+
+
+def test_ctrl_c_reaches_the_user_and_leaves_nothing_behind():
+    consumer = _run_script(
+        """
+        import sources, mpfeed
+        with mpfeed.Feeder(sources.slow, args=(100000, 0.01), workers=2) as feeder:
+            print(" ".join(str(w.pid) for w in feeder.stats().workers), flush=True)
+            try:
+                for _ in feeder:
+                    pass
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+        print("closed", flush=True)
+        """,
+        start_new_session=True,
+    )
+    try:
+        pids = [int(pid) for pid in consumer.stdout.readline().split()]
+        time.sleep(1.0)
+        os.killpg(consumer.pid, signal.SIGINT)  # the terminal sends it to the whole foreground group
+        assert consumer.wait(HANG_BOUND_S) == 0
+        assert consumer.stdout.read().split() == ["interrupted", "closed"]
+        _, alive = psutil.wait_procs([psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)], timeout=10)
+        assert not alive
+    finally:
+        consumer.kill()
+        consumer.wait()
+        consumer.stdout.close()

@@ -1,0 +1,153 @@
+"""The tf.data face with real TensorFlow: signatures, epochs, aliasing, prefetch while holding tensors."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import psutil
+import pytest
+import sources
+
+import mpfeed
+
+tf = pytest.importorskip("tensorflow")
+
+
+def test_dataset_infers_the_signature_and_gives_epochs_in_order():
+    with mpfeed.Feeder(sources.numbered, args=(12,), workers=3) as feeder:
+        ds = feeder.dataset()
+        assert ds.element_spec == {
+            "x": tf.TensorSpec((3, 4), tf.float32),
+            "i": tf.TensorSpec((), tf.int64),
+        }
+        for _ in range(2):
+            got = [(int(e["i"]), float(e["x"][0, 0])) for e in ds]
+            assert got == [(i, float(i)) for i in range(12)]
+        assert feeder.stats().items == 24
+
+
+def test_inferred_signature_covers_strings_scalars_and_lists():
+    with mpfeed.Feeder(sources.every_leaf_type, args=(4,), workers=2) as feeder:
+        ds = feeder.dataset()
+        spec = ds.element_spec
+        assert spec["python"] == (
+            tf.TensorSpec((), tf.int64),
+            tf.TensorSpec((), tf.float64),
+            tf.TensorSpec((), tf.bool),
+            tf.TensorSpec((), tf.string),
+            tf.TensorSpec((), tf.string),
+        )
+        assert spec["scalars"] == (  # a list in the element, a tuple in the signature
+            tf.TensorSpec((), tf.int32),
+            tf.TensorSpec((), tf.float64),
+            tf.TensorSpec((), tf.bool),
+            tf.TensorSpec((), tf.uint8),
+        )
+        elements = list(ds)
+    assert [e["python"][3].numpy().decode() for e in elements] == [f"text {i} ünïcode" for i in range(4)]
+    assert [int(e["scalars"][0]) for e in elements] == [0, 1, 2, 3]
+    assert elements[2]["arrays"][13].dtype == tf.complex128
+
+
+def test_an_explicit_signature_is_used_as_given():
+    spec = (tf.TensorSpec((8, 8), tf.int64), tf.TensorSpec((), tf.int64))
+    with mpfeed.Feeder(sources.pairs, args=(10,), workers=2) as feeder:
+        ds = feeder.dataset(output_signature=spec)
+        assert ds.element_spec == spec
+        assert [int(label) for _, label in ds] == list(range(10))
+
+
+def test_batched_feeder_gives_batches_with_an_unknown_leading_axis():
+    with mpfeed.Feeder(sources.numbered, args=(10,), workers=2, batch_size=4) as feeder:
+        ds = feeder.dataset()
+        assert ds.element_spec["x"] == tf.TensorSpec((None, 3, 4), tf.float32)
+        sizes = [int(b["i"].shape[0]) for b in ds]
+    assert sizes == [4, 4, 1, 1]
+
+
+def test_tensors_alias_the_ring_and_stay_intact_under_prefetch_while_all_are_held():
+    """prefetch(64) over depth-2 rings, every tensor kept: each one checked for corruption at the end."""
+    n = 300
+    with mpfeed.Feeder(sources.pairs, args=(n,), workers=2, depth=2, timeout=60) as feeder:
+        held = list(feeder.dataset().prefetch(64))
+        for i, (array, label) in enumerate(held):
+            assert int(label) == i
+            np.testing.assert_array_equal(array.numpy(), np.arange(i, i + 64).reshape(8, 8))
+        stats = feeder.stats()
+    assert stats.items == n
+    assert stats.copies > 0, "holding everything must make the feeder copy instead of waiting"
+
+
+def test_tensorflow_aliases_slot_views_without_copying():
+    with mpfeed.Feeder(sources.pairs, args=(6,), workers=1, depth=4) as feeder:
+        tensors = [array for array, _ in feeder.dataset()]
+        # The tensors keep the slots' views alive: their slots are held, not returned.
+        assert feeder.stats().workers[0].held_slots >= 1
+        del tensors
+        gc.collect()
+        assert feeder.stats().workers[0].held_slots == 0
+
+
+def test_dataset_pipelines_batch_and_map():
+    with mpfeed.Feeder(sources.pairs, args=(20,), workers=2) as feeder:
+        ds = feeder.dataset().map(lambda x, y: (tf.reduce_sum(x), y)).batch(5).prefetch(2)
+        labels = [label.numpy().tolist() for _, label in ds]
+    assert labels == [list(range(k, k + 5)) for k in range(0, 20, 5)]
+
+
+def test_from_generator_is_shaped_like_tensorflows_and_owns_its_feeder():
+    ds = mpfeed.from_generator(sources.numbered, args=(9,), workers=2)
+    assert [int(e["i"]) for e in ds] == list(range(9))
+    assert [int(e["i"]) for e in ds.take(3)] == [0, 1, 2]
+    processes = [psutil.Process(w.pid) for w in ds._mpfeed_feeder.stats().workers]
+    del ds
+    gc.collect()
+    _, alive = psutil.wait_procs(processes, timeout=15)
+    assert not alive, "the feeder's workers must stop once its dataset is gone"
+
+
+def test_workers_never_import_tensorflow_even_when_the_main_script_does(tmp_path):
+    """A training script imports TensorFlow at the top and defines its source beside it."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            import tensorflow as tf
+            import numpy as np
+            import mpfeed
+
+            AUTOTUNE = tf.data.AUTOTUNE  # top-level use of TensorFlow, common in training scripts
+
+            def source(shard):
+                module = sys.modules.get("tensorflow")
+                yield {
+                    "real": module is not None and hasattr(module, "__file__"),
+                    "python_loaded": "tensorflow.python.framework.ops" in sys.modules,
+                }
+
+            if __name__ == "__main__":
+                with mpfeed.Feeder(source, workers=2) as feeder:
+                    results = list(feeder)
+                assert len(results) == 2, results
+                assert not any(r["real"] or r["python_loaded"] for r in results), results
+                assert "tensorflow.python.framework.ops" in sys.modules  # the parent has it for real
+                print("workers-clean")
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert "workers-clean" in result.stdout, result.stderr[-3000:]
+
+
+def test_import_mpfeed_does_not_import_tensorflow():
+    code = "import sys, mpfeed; assert 'tensorflow' not in sys.modules; print('light')"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert result.stdout.strip() == "light", result.stderr
