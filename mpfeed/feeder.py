@@ -318,24 +318,34 @@ class Feeder:
     def _take(self) -> tuple[WorkerHandle | None, bytes | None]:
         """The next record by the ordering rule: ``(handle, message)``; ``(handle, None)`` when we must
         wait for ``handle`` (ordered) or for anyone (unordered, ``handle`` is any unfinished worker);
-        ``(None, None)`` at the end of the epoch."""
+        ``(None, None)`` at the end of the epoch. Raises a worker's failure where the order meets it, or
+        as soon as the consumer would have to wait."""
         handles = self._supervisor.handles
         count = len(handles)
         waiting_for = None
         for step in range(count):
             handle = handles[(self._cursor + step) % count]
-            while handle.inbox and handle.inbox[0][:1] == protocol.END:
-                handle.inbox.popleft()
+            inbox = handle.inbox
+            while inbox and isinstance(inbox[0], bytes) and inbox[0][:1] == protocol.END:
+                inbox.popleft()
                 handle.ended = True
+            if inbox and not isinstance(inbox[0], bytes):
+                raise self._supervisor.error(handle, inbox[0])
             if handle.ended:
                 continue
-            if handle.inbox:
+            if inbox:
                 self._cursor = (handle.index + 1) % count
-                return handle, handle.inbox.popleft()
+                return handle, inbox.popleft()
             if self._ordered:
                 self._cursor = handle.index
-                return handle, None
+                waiting_for = handle
+                break
             waiting_for = waiting_for or handle
+        if waiting_for is not None:
+            # Deliver what is ready, but never wait once a worker has failed.
+            for handle in handles:
+                if handle.inbox and not isinstance(handle.inbox[-1], bytes):
+                    raise self._supervisor.error(handle, handle.inbox[-1])
         return waiting_for, None
 
     def _wait(self, awaited: WorkerHandle, since: float) -> None:
@@ -350,24 +360,31 @@ class Feeder:
                     self._releases.clear_wakeups()
                 if woken or any(handle.inbox for handle in supervisor.handles):
                     return
-                for handle in supervisor.handles:
-                    if handle.process.poll() is not None:
-                        supervisor.read(handle)  # its last words, then the report of its death
-                        raise supervisor.death(handle)
+                exited = [h for h in supervisor.handles if not h.gone and h.process.poll() is not None]
+                for handle in exited:
+                    supervisor.read(handle)  # its last words first
+                    supervisor.mark_exited(handle)
+                if exited:
+                    return
                 self._check_usable()
                 if self._timeout is not None and time.monotonic() - since > self._timeout:
-                    who = f"worker {awaited.index} (pid {awaited.pid})" if self._ordered else "no worker"
-                    raise WorkerTimeoutError(
-                        f"{who} produced nothing for {self._timeout:g} s (the feeder's timeout) "
-                        f"while {'producing element ' + str(awaited.elements) if self._ordered else 'waiting'}"
-                        f" of epoch {self._epoch}",
-                        worker=awaited.index,
-                        pid=awaited.pid,
-                        element=awaited.elements,
-                        epoch=self._epoch,
-                    )
+                    raise self._timed_out(awaited)
         finally:
             self._wait_s += time.monotonic() - started
+
+    def _timed_out(self, awaited: WorkerHandle) -> WorkerTimeoutError:
+        if self._ordered:
+            what = f"worker {awaited.index} (pid {awaited.pid}) produced nothing"
+            where = f"while producing element {awaited.produced} of its shard"
+        else:
+            what, where = "no worker produced anything", "while the consumer waited"
+        return WorkerTimeoutError(
+            f"{what} for {self._timeout:g} s (the feeder's timeout) {where} (epoch {self._epoch})",
+            worker=awaited.index,
+            pid=awaited.pid,
+            element=awaited.produced,
+            epoch=self._epoch,
+        )
 
     def _open(self, handle: WorkerHandle, message: bytes) -> Any:
         """Decode one record into the element the user gets."""
@@ -390,7 +407,6 @@ class Feeder:
             else:
                 self._supervisor.credit(handle, slot)
         delivered = count or 1
-        handle.elements += delivered
         handle.items += delivered
         handle.bytes += nbytes
         return element

@@ -88,7 +88,9 @@ def describe_leaf(leaf: Any) -> tuple[int, str, int]:
     kind = type(leaf)
     if kind is np.ndarray or isinstance(leaf, np.ndarray):
         if leaf.dtype.hasobject or leaf.dtype.itemsize == 0:
-            raise TypeError(f"is a numpy array of dtype {leaf.dtype} (shape {leaf.shape}); mpfeed carries {_SUPPORTED}")
+            raise TypeError(
+                f"is a numpy array of dtype {leaf.dtype} (shape {leaf.shape}); mpfeed carries {_SUPPORTED}"
+            )
         return ARRAY, leaf.dtype.str, leaf.ndim
     if kind is bool:
         return BOOL, "?", 0

@@ -1,8 +1,11 @@
 """The messages a worker and the consumer exchange over the worker's pipe, one tag byte each.
 
 Worker to consumer, in the order they happen (one pipe per worker keeps them ordered):
-    FILLED   slot u32, epoch u32       a record waits in that slot
-    INLINE   epoch u32, record bytes   a record that has no slot (the first one, or one too big for a slot)
+    FILLED   slot u32, epoch u32, produced u64
+                                       a record waits in that slot; ``produced`` counts the shard's
+                                       elements up to and including it
+    INLINE   epoch u32, produced u64, record bytes
+                                       a record that has no slot (the first, or one too big for a slot)
     END      epoch u32, count u64      the shard's epoch is over after ``count`` elements
     ATTACHED                           the worker mapped its ring; the name can go
     FAILED   pickled dict              the source raised, or an element was refused; the worker exits
@@ -22,24 +25,29 @@ FILLED, INLINE, END, ATTACHED, FAILED = b"F", b"I", b"E", b"A", b"X"
 CREDIT, RING, EPOCH, STOP = b"C", b"R", b"N", b"S"
 
 _U32 = struct.Struct("<I")
-_U32x2 = struct.Struct("<II")
-_END = struct.Struct("<IQ")
+_FILLED = struct.Struct("<IIQ")
+_END = struct.Struct("<IQ")  # also the prefix of INLINE: epoch, produced
 
 
-def filled(slot: int, epoch: int) -> bytes:
-    return FILLED + _U32x2.pack(slot, epoch)
+def filled(slot: int, epoch: int, produced: int) -> bytes:
+    return FILLED + _FILLED.pack(slot, epoch, produced)
 
 
-def read_filled(message: bytes) -> tuple[int, int]:
-    """``(slot, epoch)``."""
-    return _U32x2.unpack_from(message, 1)
+def read_filled(message: bytes) -> tuple[int, int, int]:
+    """``(slot, epoch, produced)``."""
+    return _FILLED.unpack_from(message, 1)
 
 
-def inline_prefix(epoch: int) -> bytes:
-    return INLINE + _U32.pack(epoch)
+def inline_prefix(epoch: int, produced: int) -> bytes:
+    return INLINE + _END.pack(epoch, produced)
 
 
-INLINE_HEADER = 1 + _U32.size  # the record starts this far into an INLINE message
+def read_inline(message: bytes) -> tuple[int, int]:
+    """``(epoch, produced)``."""
+    return _END.unpack_from(message, 1)
+
+
+INLINE_HEADER = 1 + _END.size  # the record starts this far into an INLINE message
 
 
 def end(epoch: int, count: int) -> bytes:
@@ -60,5 +68,5 @@ def epoch(number: int) -> bytes:
 
 
 def read_u32(message: bytes) -> int:
-    """The number after the tag of an INLINE, CREDIT or EPOCH message."""
+    """The number after the tag of a CREDIT or EPOCH message."""
     return _U32.unpack_from(message, 1)[0]

@@ -15,12 +15,12 @@ when the last view of that slot dies.
 
 from __future__ import annotations
 
+import _posixshmem
 import errno
 import mmap
 import os
 import secrets
 
-import _posixshmem
 import numpy as np
 
 from .errors import ShmSpaceError
@@ -56,7 +56,8 @@ def check_shm_space(needed: int, total: int, workers: int, depth: int, slot_byte
 def _space_message(needed: int, free: int, total: int, workers: int, depth: int, slot_bytes: int) -> str:
     return (
         f"mpfeed needs {needed:,} bytes of shared memory in {SHM_DIR} but only {free:,} are free "
-        f"(the whole feeder needs {total:,} = {workers} workers x depth {depth} x slot_bytes {slot_bytes:,}). "
+        f"(the whole feeder needs {total:,} = {workers} workers x depth {depth} "
+        f"x slot_bytes {slot_bytes:,}). "
         f"Fixes: give the container more shared memory (docker run --shm-size=1g ...), "
         f"use fewer workers or a smaller depth, or a smaller slot_bytes."
     )

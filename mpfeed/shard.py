@@ -22,7 +22,7 @@ class Shard:
     epoch: int
     """The epoch being produced, counting from 0."""
     seed: int
-    """A seed in ``[0, 2**32)``: distinct per worker and epoch, the same again for the same feeder ``seed``."""
+    """A seed in ``[0, 2**32)``: distinct per worker and epoch, the same again for the same ``seed``."""
 
 
 def shard_seed(base_seed: int, index: int, epoch: int) -> int:

@@ -34,14 +34,18 @@ GUARDED_MODULES = ("tensorflow", "keras", "tf_keras")
 
 def pickle_work(source: Any, args: tuple, kwargs: dict) -> bytes:
     """Pickle what every worker needs, naming the culprit when something can't travel."""
-    for what, value in [("source", source), *[(f"args[{i}]", a) for i, a in enumerate(args)],
-                        *[(f"kwargs[{k!r}]", v) for k, v in kwargs.items()]]:
+    for what, value in [
+        ("source", source),
+        *[(f"args[{i}]", a) for i, a in enumerate(args)],
+        *[(f"kwargs[{k!r}]", v) for k, v in kwargs.items()],
+    ]:
         try:
             pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as error:
             name = getattr(value, "__qualname__", type(value).__name__)
             hint = (
-                "define it at module level" if what == "source"
+                "define it at module level"
+                if what == "source"
                 else "pass something picklable (a path instead of an open file, a config instead of a lock)"
             )
             raise TypeError(

@@ -34,9 +34,13 @@ class WorkerHandle:
     process: subprocess.Popen
     connection: Connection
     ring: Ring | None
-    inbox: deque = field(default_factory=deque)  # messages of the current epoch, oldest first
+    # Messages of the current epoch, oldest first; a worker's failure or exit is queued as its last entry
+    # (a WorkerError, or an `Exited`), so the consumer meets it exactly where that worker's next element
+    # would have been, after everything it delivered before.
+    inbox: deque = field(default_factory=deque)
+    gone: bool = False  # failed or exited: its pipe is done with
     ended: bool = False  # this epoch's END has been taken from the inbox
-    elements: int = 0  # elements delivered from this worker in the current epoch
+    produced: int = 0  # elements it announced in the current epoch (delivered or queued)
     items: int = 0  # elements delivered over the feeder's life
     bytes: int = 0
     held: int = 0  # slots whose views the user still holds
@@ -44,6 +48,13 @@ class WorkerHandle:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+
+@dataclass(frozen=True)
+class Exited:
+    """Inbox entry: the worker's process ended with this exit code (None: could not be reaped)."""
+
+    exitcode: int | None
 
 
 @dataclass(frozen=True)
@@ -98,12 +109,16 @@ class Supervisor:
         """Ask every worker for epoch ``number`` (they start epoch 0 by themselves)."""
         self.epoch = number
         for handle in self.handles:
+            handle.ended = False
+            handle.produced = 0
+            if handle.gone:  # keep its failure: the new epoch meets it
+                while handle.inbox and isinstance(handle.inbox[0], bytes):
+                    handle.inbox.popleft()
+                continue
             for message in handle.inbox:
                 if message[:1] == protocol.FILLED:
                     self.credit(handle, protocol.read_filled(message)[0])
             handle.inbox.clear()
-            handle.ended = False
-            handle.elements = 0
             if number > 0:
                 self._send(handle, protocol.epoch(number))
 
@@ -121,8 +136,8 @@ class Supervisor:
 
     def wait(self, extra: list, timeout: float | None) -> list:
         """Wait until a worker says something (or dies) or an ``extra`` object is ready; read every worker
-        that spoke into its inbox. Returns the ready ``extra`` objects. Raises `WorkerError` on a failure."""
-        connections = {handle.connection: handle for handle in self.handles}
+        that spoke into its inbox. Returns the ready ``extra`` objects."""
+        connections = {handle.connection: handle for handle in self.handles if not handle.gone}
         ready = wait([*connections, *extra], timeout)
         for item in ready:
             handle = connections.get(item)
@@ -131,28 +146,42 @@ class Supervisor:
         return [item for item in ready if item not in connections]
 
     def read(self, handle: WorkerHandle) -> None:
-        """Take every message waiting in a worker's pipe."""
+        """Take every message waiting in a worker's pipe; queue its failure or exit when that comes."""
         connection = handle.connection
         try:
-            while connection.poll(0):
+            while not handle.gone and connection.poll(0):
                 self._dispatch(handle, connection.recv_bytes())
         except (EOFError, OSError):
-            raise self.death(handle) from None
+            self.mark_exited(handle)
+
+    def mark_exited(self, handle: WorkerHandle) -> None:
+        """The worker's process ended (its pipe closed, or it is seen dead): queue that, once."""
+        if not handle.gone:
+            handle.gone = True
+            try:
+                exitcode = handle.process.wait(_EXIT_STATUS_WAIT_S)
+            except subprocess.TimeoutExpired:
+                exitcode = None
+            handle.inbox.append(Exited(exitcode))
 
     def _dispatch(self, handle: WorkerHandle, message: bytes) -> None:
         tag = message[:1]
         if tag == protocol.FILLED:
-            if protocol.read_filled(message)[1] == self.epoch:
+            slot, epoch, produced = protocol.read_filled(message)
+            if epoch == self.epoch:
                 handle.inbox.append(message)
+                handle.produced = produced
             else:
-                self.credit(handle, protocol.read_filled(message)[0])
+                self.credit(handle, slot)
         elif tag == protocol.INLINE:
             if handle.ring is None:
                 self._create_ring(handle, len(message) - protocol.INLINE_HEADER)
             else:
                 self.overflow += 1
-            if protocol.read_u32(message) == self.epoch:
+            epoch, produced = protocol.read_inline(message)
+            if epoch == self.epoch:
                 handle.inbox.append(message)
+                handle.produced = produced
         elif tag == protocol.END:
             if protocol.read_end(message)[0] == self.epoch:
                 handle.inbox.append(message)
@@ -160,7 +189,8 @@ class Supervisor:
             if handle.ring is not None:
                 handle.ring.unlink()
         elif tag == protocol.FAILED:
-            raise self._failure(handle, pickle.loads(message[1:]))
+            handle.gone = True
+            handle.inbox.append(self._failure(handle, pickle.loads(message[1:])))
 
     def _create_ring(self, handle: WorkerHandle, record_bytes: int) -> None:
         slot_bytes = slot_size_for(record_bytes)
@@ -176,7 +206,9 @@ class Supervisor:
         where = f"while producing element {info['element']} of its shard (epoch {info['epoch']})"
         details = dict(worker=handle.index, pid=handle.pid, element=info["element"], epoch=info["epoch"])
         if info["where"] == "element":
-            return ElementError(f"{self._who(handle)} produced a bad element {where}: {info['message']}", **details)
+            return ElementError(
+                f"{self._who(handle)} produced a bad element {where}: {info['message']}", **details
+            )
         if info["exit_code"] is not None or info["type"] == "SystemExit":
             error = WorkerDiedError(
                 f"{self._who(handle)} exited with code {info['exit_code']}: the source called "
@@ -201,19 +233,22 @@ class Supervisor:
         error.exc_type = info["type"]
         return error
 
-    def death(self, handle: WorkerHandle) -> WorkerDiedError:
-        try:
-            exitcode = handle.process.wait(_EXIT_STATUS_WAIT_S)
-        except subprocess.TimeoutExpired:
-            exitcode = None
-        state = "after its shard ended" if handle.ended else (
-            f"while producing element {handle.elements} of its shard (epoch {self.epoch})"
+    def error(self, handle: WorkerHandle, entry: WorkerError | Exited) -> WorkerError:
+        """The error for a failure entry met in a worker's inbox."""
+        if isinstance(entry, WorkerError):
+            return entry
+        exitcode = entry.exitcode
+        ended = handle.ended or any(isinstance(m, bytes) and m[:1] == protocol.END for m in handle.inbox)
+        state = (
+            f"after its shard of epoch {self.epoch} ended"
+            if ended
+            else f"while producing element {handle.produced} of its shard (epoch {self.epoch})"
         )
         error = WorkerDiedError(
             f"{self._who(handle)} {describe_exit(exitcode)} {state}",
             worker=handle.index,
             pid=handle.pid,
-            element=None if handle.ended else handle.elements,
+            element=None if ended else handle.produced,
             epoch=self.epoch,
         )
         error.exitcode = exitcode

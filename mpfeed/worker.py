@@ -73,7 +73,9 @@ def report_failure(
 ) -> None:
     """Tell the consumer why this worker is about to exit: the exception as text, frames dropped."""
     kind = type(error)
-    qualname = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    qualname = (
+        kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    )
     info = {
         "where": where,
         "type": qualname,
@@ -149,28 +151,30 @@ class _Worker:
                     raise self._fail("source", error, produced, epoch) from None
                 produced += 1
                 if self.batch_size is None:
-                    self._emit([flatten(element)], produced - 1, epoch, batched=False)
+                    self._emit([flatten(element)], produced, epoch, batched=False)
                     continue
                 batch.append(flatten(element))
                 if len(batch) == self.batch_size:
-                    self._emit(batch, produced - len(batch), epoch, batched=True)
+                    self._emit(batch, produced, epoch, batched=True)
                     batch = []
             if batch and not self.drop_remainder:
-                self._emit(batch, produced - len(batch), epoch, batched=True)
+                self._emit(batch, produced, epoch, batched=True)
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:
                 close()
         self.connection.send_bytes(protocol.end(epoch, produced))
 
-    def _emit(self, items: list, seq: int, epoch: int, batched: bool) -> None:
+    def _emit(self, items: list, produced: int, epoch: int, batched: bool) -> None:
+        """Send one record: ``items`` are the last elements of the ``produced`` so far."""
+        seq = produced - len(items)
         try:
             record = self.encoder.prepare(items, seq, batched)
         except (TypeError, ValueError) as error:
             raise self._fail("element", error, seq, epoch) from None
         if self.ring is None or record.nbytes > self.ring.slot_bytes:
             message = bytearray(protocol.INLINE_HEADER + record.nbytes)
-            message[: protocol.INLINE_HEADER] = protocol.inline_prefix(epoch)
+            message[: protocol.INLINE_HEADER] = protocol.inline_prefix(epoch, produced)
             record.write(memoryview(message)[protocol.INLINE_HEADER :])
             self.connection.send_bytes(message)
             while self.ring is None:  # the consumer sizes our ring from this first record
@@ -180,7 +184,7 @@ class _Worker:
             self._handle_control(block=True)
         slot = self.free.popleft()
         record.write(self.ring.slot(slot))
-        self.connection.send_bytes(protocol.filled(slot, epoch))
+        self.connection.send_bytes(protocol.filled(slot, epoch, produced))
 
     def _fail(self, where: str, error: BaseException, element: int, epoch: int) -> _Failed:
         report_failure(self.connection, where, error, element=element, epoch=epoch)

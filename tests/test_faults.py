@@ -23,11 +23,16 @@ HANG_BOUND_S = 30  # generous: these must answer in about a second; the bound on
 
 
 def _consume(feeder):
+    """Iterate until the feeder fails; what came before the failure must be a prefix of the source order."""
     started = time.monotonic()
+    delivered = []
     with pytest.raises(mpfeed.WorkerError) as caught:
-        for _ in feeder:
-            pass
+        for element in feeder:
+            delivered.append(element[1] if isinstance(element, tuple) else None)
     assert time.monotonic() - started < HANG_BOUND_S
+    if delivered and delivered[0] is not None:
+        assert delivered == list(range(len(delivered)))
+    caught.value.delivered = delivered
     return caught.value
 
 
@@ -43,6 +48,7 @@ def test_an_exception_in_the_source_reaches_the_consumer_with_its_traceback():
     assert isinstance(error, mpfeed.SourceError)
     assert error.worker == 1 and error.element == 3 and error.pid == processes[1].pid
     assert error.exc_type == "ValueError"
+    assert len(error.delivered) <= 7, "nothing at or after the failing element"
     message = str(error)
     assert f"worker 1 (pid {error.pid}) raised ValueError: bad record 7" in message
     assert "element 3 of its shard" in message
@@ -59,7 +65,7 @@ def test_a_worker_killed_with_sigkill_is_reported_not_waited_for():
         error = _consume(feeder)
     assert isinstance(error, mpfeed.WorkerDiedError)
     assert error.worker == 0 and error.exitcode == -signal.SIGKILL
-    assert "was killed by SIGKILL (-9) while producing element 3 of its shard" in str(error)
+    assert "was killed by SIGKILL (-9) while producing element 3 of its shard (epoch 0)" in str(error)
 
 
 def test_a_worker_killed_from_outside_wakes_a_waiting_consumer():
@@ -94,7 +100,11 @@ def test_a_worker_that_exits_mid_stream_is_an_error(how, expected):
     [
         (None, TypeError, "element['image'] is a builtins.NoneType"),
         (np.array([1, "a"], dtype=object), TypeError, "element['image'] is a numpy array of dtype object"),
-        (np.zeros(3, dtype=np.int32), ValueError, "element['image'] changed mid-stream from a 1-d array of float64"),
+        (
+            np.zeros(3, dtype=np.int32),
+            ValueError,
+            "element['image'] changed mid-stream from a 1-d array of float64",
+        ),
         ((np.zeros(3),), ValueError, "structure changed mid-stream"),
     ],
 )
@@ -114,7 +124,9 @@ def test_a_stalled_source_times_out_with_the_workers_name():
 
 
 def test_an_unpicklable_source_or_argument_is_refused_before_any_worker_starts():
-    with pytest.raises(TypeError, match=r"source must be picklable; '.*<lambda>' can't be pickled.*define it at module level"):
+    with pytest.raises(
+        TypeError, match=r"source must be picklable; '.*<lambda>' can't be pickled.*define it at module level"
+    ):
         mpfeed.Feeder(lambda shard: iter(()), workers=1)
     with pytest.raises(TypeError, match=r"args\[1\] must be picklable; 'lock'"):
         mpfeed.Feeder(sources.numbered, args=(4, threading.Lock()), workers=1)
@@ -135,8 +147,9 @@ def test_dev_shm_too_small_is_refused_before_any_worker_starts():
 
 def test_the_error_survives_the_trip_through_tensorflow():
     tf = pytest.importorskip("tensorflow")
+    spec = (tf.TensorSpec((4,), tf.int64), tf.TensorSpec((), tf.int64))
     with mpfeed.Feeder(sources.raise_at, args=(20, 7), workers=2) as feeder:
-        ds = feeder.dataset()
+        ds = feeder.dataset(spec)
         with pytest.raises(tf.errors.OpError) as caught:
             for _ in ds:
                 pass
@@ -188,7 +201,9 @@ def test_sigkill_of_the_whole_process_group_leaves_nothing_in_dev_shm():
         assert len(pids) == 2
         os.killpg(consumer.pid, signal.SIGKILL)
         consumer.wait(10)
-        _, alive = psutil.wait_procs([psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)], timeout=15)
+        _, alive = psutil.wait_procs(
+            [psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)], timeout=15
+        )
         assert not alive
         assert not shm_entries(), "names must be gone once workers attached"
     finally:
@@ -218,7 +233,9 @@ def test_ctrl_c_reaches_the_user_and_leaves_nothing_behind():
         os.killpg(consumer.pid, signal.SIGINT)  # the terminal sends it to the whole foreground group
         assert consumer.wait(HANG_BOUND_S) == 0
         assert consumer.stdout.read().split() == ["interrupted", "closed"]
-        _, alive = psutil.wait_procs([psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)], timeout=10)
+        _, alive = psutil.wait_procs(
+            [psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)], timeout=10
+        )
         assert not alive
     finally:
         consumer.kill()

@@ -153,7 +153,10 @@ def test_breaking_out_of_an_epoch_then_iterating_again_starts_a_clean_epoch():
 def test_seeds_are_distinct_per_shard_and_epoch_and_reproducible():
     def draw(seed):
         with mpfeed.Feeder(sources.epochs_and_seeds, args=(4,), workers=2, seed=seed) as feeder:
-            return [[(e["index"], e["seed"], e["random"], e["np_random"], e["rng"]) for e in feeder] for _ in range(2)]
+            return [
+                [(e["index"], e["seed"], e["random"], e["np_random"], e["rng"]) for e in feeder]
+                for _ in range(2)
+            ]
 
     first, again, other = draw(7), draw(7), draw(8)
     assert first == again

@@ -142,7 +142,9 @@ def test_workers_never_import_tensorflow_even_when_the_main_script_does(tmp_path
         )
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env
+    )
     assert "workers-clean" in result.stdout, result.stderr[-3000:]
 
 

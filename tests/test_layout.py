@@ -1,0 +1,95 @@
+"""Records: every leaf kind written and read back, alignment, and the errors that name a leaf."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mpfeed.layout import Decoder, Encoder, align, flatten, leaf_paths
+
+
+def roundtrip(elements, batched=False):
+    encoder, decoder = Encoder(), Decoder()
+    record = encoder.prepare([flatten(e) for e in elements], seq=5, batched=batched)
+    raw = np.zeros(record.nbytes + 64, dtype=np.uint8)
+    base = raw[-raw.ctypes.data % 64 :][: record.nbytes]
+    record.write(base)
+    assert Decoder.header(base)[4:] == (5, record.nbytes)
+    element, views, count, nbytes = decoder.decode(base)
+    assert nbytes == record.payload_bytes
+    return element, views, count
+
+
+def test_single_elements_of_every_leaf_kind_come_back_equal_and_typed():
+    element = {
+        "a": np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2],
+        "b": (np.int16(-3), 7, 2.5, True, b"\x00raw", "tëxt"),
+        "c": [np.zeros((0,), dtype=np.uint64), np.array(3 + 1j)],
+    }
+    got, views, count = roundtrip([element])
+    assert views and count == 0
+    np.testing.assert_array_equal(got["a"], element["a"])
+    assert got["b"] == element["b"] and [type(v) for v in got["b"]] == [type(v) for v in element["b"]]
+    assert isinstance(got["c"], list) and got["c"][0].shape == (0,) and got["c"][1] == 3 + 1j
+
+
+def test_leaves_are_64_byte_aligned_views_of_the_record():
+    element = (np.ones(3, dtype=np.uint8), np.ones((5, 7), dtype=np.float64), np.ones(1, dtype=np.int32))
+    got, _, _ = roundtrip([element])
+    assert all(leaf.ctypes.data % 64 == 0 for leaf in got)
+    assert all(not leaf.flags.owndata for leaf in got)
+
+
+def test_a_batch_stacks_every_leaf_kind():
+    elements = [(np.full(2, i), i, float(i), f"s{i}", np.float32(i)) for i in range(3)]
+    (arrays, ints, floats, texts, scalars), _, count = roundtrip(elements, batched=True)
+    assert count == 3
+    np.testing.assert_array_equal(arrays, [[0, 0], [1, 1], [2, 2]])
+    assert ints.dtype == np.int64 and ints.tolist() == [0, 1, 2]
+    assert floats.dtype == np.float64 and texts.tolist() == ["s0", "s1", "s2"]
+    assert scalars.dtype == np.float32
+
+
+def test_a_batch_of_different_shapes_is_refused_naming_the_leaf():
+    with pytest.raises(ValueError, match=r"cannot batch element\[0\]: shapes \(2,\) and \(3,\)"):
+        roundtrip([(np.zeros(2), 1), (np.zeros(3), 2)], batched=True)
+
+
+@pytest.mark.parametrize(
+    "leaf, words",
+    [
+        (None, "element[1]['x'] is a builtins.NoneType"),
+        (object(), "element[1]['x'] is a builtins.object"),
+        (np.array([{}, 1], dtype=object), "element[1]['x'] is a numpy array of dtype object (shape (2,))"),
+    ],
+)
+def test_leaves_mpfeed_cannot_carry_are_refused_by_path(leaf, words):
+    with pytest.raises(TypeError) as caught:
+        Encoder().prepare([flatten((1, {"x": leaf}))], 0, False)
+    assert words in str(caught.value)
+
+
+def test_shapes_may_change_but_dtypes_and_structure_may_not():
+    encoder = Encoder()
+    encoder.prepare([flatten({"x": np.zeros((2, 2))})], 0, False)
+    encoder.prepare([flatten({"x": np.zeros((5, 1))})], 1, False)  # a new shape is fine
+    with pytest.raises(
+        ValueError,
+        match=r"element\['x'\] changed mid-stream from a 2-d array of float64 to a "
+        r"2-d array of float32",
+    ):
+        encoder.prepare([flatten({"x": np.zeros((2, 2), dtype=np.float32)})], 2, False)
+    with pytest.raises(ValueError, match=r"structure changed mid-stream: \{'y': leaf\} after \{'x': leaf\}"):
+        encoder.prepare([flatten({"y": np.zeros((2, 2))})], 3, False)
+
+
+def test_paths_and_alignment_helpers():
+    treedef, leaves = flatten({"a": (1, [2, 3]), "b": 4})
+    assert leaves == [1, 2, 3, 4]
+    assert leaf_paths(treedef) == [
+        "element['a'][0]",
+        "element['a'][1][0]",
+        "element['a'][1][1]",
+        "element['b']",
+    ]
+    assert [align(n) for n in (0, 1, 64, 65)] == [0, 64, 64, 128]
