@@ -24,7 +24,7 @@ import numpy as np
 import psutil
 
 from . import protocol
-from .errors import ClosedError, WorkerError, WorkerTimeoutError
+from .errors import ClosedError, ShmSpaceError, WorkerError, WorkerTimeoutError
 from .layout import Decoder, align
 from .supervisor import Supervisor, WorkerConfig, WorkerHandle
 
@@ -311,7 +311,7 @@ class Feeder:
                 if message is not None:
                     return self._open(handle, message)
                 self._wait(handle, started)
-        except WorkerError as error:
+        except (WorkerError, ShmSpaceError) as error:
             self._break(error)
             raise
 

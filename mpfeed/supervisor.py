@@ -148,11 +148,15 @@ class Supervisor:
     def read(self, handle: WorkerHandle) -> None:
         """Take every message waiting in a worker's pipe; queue its failure or exit when that comes."""
         connection = handle.connection
-        try:
-            while not handle.gone and connection.poll(0):
-                self._dispatch(handle, connection.recv_bytes())
-        except (EOFError, OSError):
-            self.mark_exited(handle)
+        while not handle.gone:
+            try:
+                if not connection.poll(0):
+                    return
+                message = connection.recv_bytes()
+            except (EOFError, OSError):
+                self.mark_exited(handle)
+                return
+            self._dispatch(handle, message)
 
     def mark_exited(self, handle: WorkerHandle) -> None:
         """The worker's process ended (its pipe closed, or it is seen dead): queue that, once."""
@@ -280,9 +284,20 @@ class Supervisor:
 
 
 def _wait_all(handles: list[WorkerHandle], seconds: float) -> None:
+    """Wait for the processes to exit, draining their pipes meanwhile: a worker blocked sending a large
+    record could not otherwise read its STOP."""
     deadline = time.monotonic() + seconds
-    for handle in handles:
-        try:
-            handle.process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
+    while True:
+        running = [h for h in handles if h.process.poll() is None]
+        remaining = deadline - time.monotonic()
+        if not running or remaining <= 0:
+            return
+        readable = []
+        for handle in running:
+            try:
+                while handle.connection.poll(0):
+                    handle.connection.recv_bytes()
+                readable.append(handle.connection)
+            except (EOFError, OSError):
+                pass  # its pipe is closed: the process is on its way out
+        wait(readable, min(remaining, 0.02))
