@@ -30,6 +30,7 @@ from .supervisor import Supervisor, WorkerConfig, WorkerHandle
 
 _WAIT_SLICE_S = 1.0  # longest single wait before re-checking liveness, closing and timeouts
 _EPOCH_END = object()
+DEFAULT_START_METHOD = "forkserver"
 
 
 @dataclass(frozen=True)
@@ -172,9 +173,9 @@ class Feeder:
         )
         _require(timeout is None or timeout > 0, f"timeout must be positive seconds or None, got {timeout!r}")
         _require(
-            start_method in (None, "spawn"),
-            f"start_method {start_method!r} is not offered: mpfeed starts every worker as a fresh "
-            "interpreter ('spawn'), because forking a process that has loaded TensorFlow can deadlock",
+            start_method in (None, "spawn", "forkserver"),
+            f"start_method must be 'spawn' or 'forkserver', got {start_method!r}: forking the consumer "
+            "itself ('fork') is not offered, since a process that has loaded TensorFlow can deadlock",
         )
         self._ordered = ordered
         self._timeout = timeout
@@ -198,6 +199,7 @@ class Feeder:
             batch_size=batch_size,
             drop_remainder=drop_remainder,
             seed=seed if seed is not None else secrets.randbits(63),
+            start_method=start_method or DEFAULT_START_METHOD,
         )
         try:
             self._supervisor = Supervisor(source, args, dict(kwargs or {}), config)
@@ -355,10 +357,16 @@ class Feeder:
         started = time.monotonic()
         try:
             while True:
-                woken = supervisor.wait([self._releases.reader], _WAIT_SLICE_S)
-                if woken:
+                self._check_usable()
+                slice_s = _WAIT_SLICE_S
+                if self._timeout is not None:
+                    slice_s = min(slice_s, self._timeout - (time.monotonic() - since))
+                    if slice_s <= 0:
+                        raise self._timed_out(awaited)
+                ready = supervisor.wait([self._releases.reader], slice_s)
+                if self._releases.reader in ready:
                     self._releases.clear_wakeups()
-                if woken or any(handle.inbox for handle in supervisor.handles):
+                if ready:
                     return
                 exited = [h for h in supervisor.handles if not h.gone and h.process.poll() is not None]
                 for handle in exited:
@@ -366,9 +374,6 @@ class Feeder:
                     supervisor.mark_exited(handle)
                 if exited:
                     return
-                self._check_usable()
-                if self._timeout is not None and time.monotonic() - since > self._timeout:
-                    raise self._timed_out(awaited)
         finally:
             self._wait_s += time.monotonic() - started
 

@@ -75,7 +75,8 @@ def main_module_spec(work: bytes) -> dict:
 def launch(work: bytes, main_spec: dict, config: dict) -> tuple[subprocess.Popen, Connection]:
     """Start one worker interpreter; returns its process and the parent's end of its pipe.
 
-    ``work`` is `pickle_work`'s result, the same for every worker; ``config`` is this worker's own."""
+    ``work`` is `pickle_work`'s result, the same for every worker; ``config`` is this worker's own (or
+    ``{"role": "forkserver"}`` for a fork server, see `mpfeed.forkserver`)."""
     parent_end, child_end = socket.socketpair()
     try:
         process = subprocess.Popen(
@@ -151,6 +152,10 @@ def child_main(fd: int) -> None:
         worker.report_failure(connection, "start", error, element=None, epoch=0)
         sys.exit(worker.EXIT_FAILED)
     config = pickle.loads(connection.recv_bytes())
+    if config.get("role") == "forkserver":
+        from . import forkserver
+
+        sys.exit(forkserver.serve(connection, source, args, kwargs))
     sys.exit(worker.run(connection, source, args, kwargs, config))
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import secrets
 import subprocess
 import time
 from collections import deque
@@ -19,6 +18,7 @@ from typing import Any
 
 from . import protocol, spawn
 from .errors import ElementError, SourceError, WorkerDiedError, WorkerError, describe_exit
+from .forkserver import ForkServer
 from .ring import Ring, check_shm_space, slot_size_for
 
 _STOP_GRACE_S = 2.0  # for workers to finish the element in hand and exit on STOP
@@ -64,7 +64,8 @@ class WorkerConfig:
     slot_bytes: int | None
     batch_size: int | None
     drop_remainder: bool
-    seed: int | None
+    seed: int
+    start_method: str
 
 
 class Supervisor:
@@ -74,33 +75,42 @@ class Supervisor:
         self.overflow = 0
         self.closed = False
         self.handles: list[WorkerHandle] = []
+        self.server: ForkServer | None = None
         work = spawn.pickle_work(source, args, kwargs)
         main_spec = spawn.main_module_spec(work)
-        seed = config.seed if config.seed is not None else secrets.randbits(63)
         rings: list[Ring | None] = [None] * config.workers
         try:
             if config.slot_bytes is not None:
                 total = config.workers * config.depth * config.slot_bytes
                 check_shm_space(total, total, config.workers, config.depth, config.slot_bytes)
                 rings = [Ring.create(config.depth, config.slot_bytes, workers=config.workers) for _ in rings]
-            for index, ring in enumerate(rings):
-                worker_config = {
+            configs = [
+                {
                     "index": index,
                     "count": config.workers,
-                    "seed": seed,
+                    "seed": config.seed,
                     "depth": config.depth,
                     "batch_size": config.batch_size,
                     "drop_remainder": config.drop_remainder,
                     "ring": None if ring is None else (ring.name, ring.depth, ring.slot_bytes),
                     "parent_pid": os.getpid(),
                 }
-                process, connection = spawn.launch(work, main_spec, worker_config)
-                self.handles.append(WorkerHandle(index, process, connection, ring))
+                for index, ring in enumerate(rings)
+            ]
+            if config.start_method == "forkserver":
+                self.server = ForkServer(work, main_spec)
+                started = self.server.fork_all(configs)
+            else:
+                started = [spawn.launch(work, main_spec, worker_config) for worker_config in configs]
+            for index, (process, connection) in enumerate(started):
+                self.handles.append(WorkerHandle(index, process, connection, rings[index]))
         except BaseException:
             for ring in rings[len(self.handles) :]:
                 if ring is not None:
                     ring.close()
             self.close()
+            if self.server is not None:
+                self.server.close()
             raise
 
     # -- epochs --------------------------------------------------------------------------------------
@@ -136,14 +146,14 @@ class Supervisor:
 
     def wait(self, extra: list, timeout: float | None) -> list:
         """Wait until a worker says something (or dies) or an ``extra`` object is ready; read every worker
-        that spoke into its inbox. Returns the ready ``extra`` objects."""
+        that spoke into its inbox. Returns what was ready: workers' connections and ``extra`` objects."""
         connections = {handle.connection: handle for handle in self.handles if not handle.gone}
         ready = wait([*connections, *extra], timeout)
         for item in ready:
             handle = connections.get(item)
             if handle is not None:
                 self.read(handle)
-        return [item for item in ready if item not in connections]
+        return ready
 
     def read(self, handle: WorkerHandle) -> None:
         """Take every message waiting in a worker's pipe; queue its failure or exit when that comes."""
@@ -281,6 +291,8 @@ class Supervisor:
             handle.inbox.clear()
             if handle.ring is not None:
                 handle.ring.close()
+        if self.server is not None:
+            self.server.close()
 
 
 def _wait_all(handles: list[WorkerHandle], seconds: float) -> None:

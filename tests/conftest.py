@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-TEST_DEADLINE_S = 150
+TEST_DEADLINE_S = 90
 LEAK_GRACE_S = 10.0
 
 
@@ -36,10 +36,17 @@ def live_children() -> list[psutil.Process]:
     return children
 
 
+def _real_stderr(config) -> int:
+    """The terminal's stderr, not pytest's capture file (which is lost when the deadline exits)."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    err = getattr(getattr(capture, "_global_capturing", None), "err", None)
+    return getattr(err, "targetfd_save", None) or sys.__stderr__.fileno()
+
+
 @pytest.fixture(autouse=True)
-def deadline():
+def deadline(request):
     """Fail loudly instead of hanging: after the deadline, dump every thread's stack and exit."""
-    faulthandler.dump_traceback_later(TEST_DEADLINE_S, exit=True, file=sys.stderr)
+    faulthandler.dump_traceback_later(TEST_DEADLINE_S, exit=True, file=_real_stderr(request.config))
     yield
     faulthandler.cancel_dump_traceback_later()
 
@@ -60,3 +67,9 @@ def no_leaks(request):
     assert not children, f"child processes left behind: {[(c.pid, c.cmdline()) for c in children]}"
     assert not shm_left, f"/dev/shm entries left behind: {sorted(shm_left)}"
     assert not threads_left, f"threads left behind: {threads_left}"
+
+
+@pytest.fixture(params=["spawn", "forkserver"])
+def start_method(request):
+    """Run the test under each way mpfeed starts its workers."""
+    return request.param

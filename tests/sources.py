@@ -80,14 +80,6 @@ def raise_at(n, at, shard):
         yield np.full(4, i), i
 
 
-def kill_self_at(n, at, shard):
-    """SIGKILLs its own process at element ``at``."""
-    for i in range(shard.index, n, shard.count):
-        if i == at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        yield np.full(4, i), i
-
-
 def slow(n, delay, shard):
     """Each element takes ``delay`` seconds."""
     for i in range(shard.index, n, shard.count):
@@ -112,11 +104,56 @@ def tensorflow_state(shard):
     }
 
 
-def die_at(n, at, how, shard):
-    """Ends its own process at element ``at`` by ``how`` (a statement: sys.exit(3), os._exit(0), ...)."""
-    import faulthandler  # noqa: F401  (used by some statements)
+def strike(how):
+    """Cause one kind of fault in the calling worker, for real."""
+    import faulthandler
 
+    if how == "raise":
+        raise ValueError("injected fault")
+    if how == "exit3":
+        sys.exit(3)
+    if how == "exit0":
+        os._exit(0)
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "sigsegv":
+        faulthandler._sigsegv()
+    if how == "stall":
+        time.sleep(3600)
+
+
+def faulty(n, where, how, shard):
+    """Worker 1 meets a fault ``how`` at ``where``: "start" (before its first element), "mid" (at its
+    sixth element), "epoch" (when epoch 1 starts) or "close" (when the source is closed)."""
+    victim = shard.index == 1
+    if victim and (where == "start" or (where == "epoch" and shard.epoch == 1)):
+        strike(how)
+    try:
+        for k, i in enumerate(range(shard.index, n, shard.count)):
+            if victim and where == "mid" and k == 5:
+                strike(how)
+            yield np.full((8, 8), i, dtype=np.int64), i
+    except GeneratorExit:
+        if victim and where == "close":
+            strike(how)
+        raise
+
+
+def vanishing_memory(path, shard):
+    """Yields an array backed by a file that is truncated before the worker copies it into its slot:
+    the copy faults with SIGBUS halfway through writing the slot."""
+    import mmap
+
+    yield np.zeros(4, dtype=np.uint8), 0
+    with open(path, "r+b") as file:
+        mapping = mmap.mmap(file.fileno(), 0)
+        array = np.frombuffer(mapping, dtype=np.uint8)
+        file.truncate(0)
+        yield array, 1
+
+
+def tiny(n, shard):
+    """Small elements, as fast as the worker can make them."""
+    x = np.arange(10, dtype=np.float32)
     for i in range(shard.index, n, shard.count):
-        if i == at:
-            exec(how)
-        yield np.full(4, i), i
+        yield x, i

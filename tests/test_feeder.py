@@ -178,7 +178,7 @@ def test_stats_count_what_was_delivered():
     assert stats.items == 30
     assert stats.bytes == 30 * (64 * 8 + 8)
     assert [w.items for w in stats.workers] == [10, 10, 10]
-    assert all(w.alive and w.pid > 0 and w.rss_bytes > 0 and w.cpu_s > 0 for w in stats.workers)
+    assert all(w.alive and w.pid > 0 and w.rss_bytes > 0 and w.cpu_s >= 0 for w in stats.workers)
     assert stats.shm_bytes == sum(w.slot_bytes for w in stats.workers) * 4 > 0
     assert stats.wait_s >= 0 and stats.items_per_s > 0
     with pytest.raises(AttributeError):
