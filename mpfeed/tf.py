@@ -50,6 +50,35 @@ def _leaf_spec(leaf: Any, path: str, batched: bool) -> tf.TensorSpec:
     return tf.TensorSpec(shape, dtype)
 
 
+def check_signature(element: Any, signature: Any) -> None:
+    """`TypeError` naming the first leaf of ``element`` that ``signature`` does not accept."""
+    try:
+        tf.nest.assert_same_structure(signature, element, check_types=False)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"the element's structure does not match output_signature: {error}") from None
+    for path, spec, leaf in _leaves_with_specs(signature, element, "element"):
+        if isinstance(leaf, (bytes, str)) or (isinstance(leaf, np.ndarray) and leaf.dtype == object):
+            dtype, shape = tf.string, np.shape(leaf)
+        else:
+            array = np.asarray(leaf)
+            dtype, shape = tf.as_dtype(array.dtype), array.shape
+        if dtype != spec.dtype or not spec.shape.is_compatible_with(shape):
+            raise TypeError(
+                f"{path} has shape {tuple(shape)} and dtype {dtype.name}, but output_signature expects {spec}"
+            )
+
+
+def _leaves_with_specs(signature: Any, element: Any, path: str):
+    if isinstance(signature, dict):
+        for key, spec in signature.items():
+            yield from _leaves_with_specs(spec, element[key], f"{path}[{key!r}]")
+    elif isinstance(signature, (tuple, list)):
+        for index, (spec, child) in enumerate(zip(signature, element)):
+            yield from _leaves_with_specs(spec, child, f"{path}[{index}]")
+    else:
+        yield path, signature, element
+
+
 def _lists_to_tuples(node: Any) -> Any:
     if isinstance(node, (list, tuple)):
         return tuple(_lists_to_tuples(child) for child in node)
@@ -87,11 +116,14 @@ def feeder_dataset(feeder: Feeder, output_signature: Any = None) -> tf.data.Data
             raise ClosedError("the feeder behind this dataset is gone")
         elements = iter(owner)
         del owner
-        if convert is None:
-            yield from elements
-        else:
-            for element in elements:
-                yield convert(element)
+        checked = False
+        for element in elements:
+            if convert is not None:
+                element = convert(element)
+            if not checked:  # TensorFlow checks each element too, but cannot name the leaf
+                check_signature(element, output_signature)
+                checked = True
+            yield element
 
     dataset = tf.data.Dataset.from_generator(generate, output_signature=output_signature)
     dataset._mpfeed_feeder = feeder

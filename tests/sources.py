@@ -157,3 +157,9 @@ def tiny(n, shard):
     x = np.arange(10, dtype=np.float32)
     for i in range(shard.index, n, shard.count):
         yield x, i
+
+
+def ragged(shard):
+    """Nested lists whose lengths change: a structure that changes mid-stream."""
+    yield [[1, 2], [3]]
+    yield [[1], [2, 3]]

@@ -168,13 +168,43 @@ def test_a_bad_element_gets_an_error_naming_the_leaf(leaf, kind, words):
     assert "worker 0" in str(error) and "element 1 of its shard" in str(error)
 
 
+def test_ragged_nested_lists_are_refused_when_their_structure_changes():
+    with mpfeed.Feeder(sources.ragged, workers=1) as feeder:
+        error = _consume(feeder)
+    assert isinstance(error, mpfeed.ElementError)
+    assert "structure changed mid-stream: [[leaf], [leaf, leaf]] after [[leaf, leaf], [leaf]]" in str(error)
+
+
+def test_an_element_that_does_not_match_the_given_signature_names_the_leaf():
+    tf = pytest.importorskip("tensorflow")
+    spec = (tf.TensorSpec((4,), tf.float32), tf.TensorSpec((), tf.int64))
+    with mpfeed.Feeder(sources.pairs, args=(10,), workers=2) as feeder:
+        with pytest.raises(tf.errors.InvalidArgumentError) as caught:
+            list(feeder.dataset(spec))
+    assert "element[0] has shape (8, 8) and dtype int64, but output_signature expects" in str(caught.value)
+
+
+def test_an_exception_in_the_training_loop_leaves_nothing_behind(start_method):
+    with pytest.raises(ZeroDivisionError):
+        with mpfeed.Feeder(sources.pairs, args=(1000,), workers=2, start_method=start_method) as feeder:
+            processes = [psutil.Process(w.pid) for w in feeder.stats().workers]
+            for _, label in feeder:
+                if label == 10:
+                    1 / 0  # noqa: B018
+    _assert_stopped(processes)
+
+
 def test_an_unpicklable_source_or_argument_is_refused_before_any_worker_starts():
     with pytest.raises(
         TypeError, match=r"source must be picklable; '.*<lambda>' can't be pickled.*define it at module level"
     ):
         mpfeed.Feeder(lambda shard: iter(()), workers=1)
-    with pytest.raises(TypeError, match=r"args\[1\] must be picklable; 'lock'"):
+    with pytest.raises(
+        TypeError, match=r"args\[1\] must be picklable; 'lock'.*a path instead of an open file"
+    ):
         mpfeed.Feeder(sources.numbered, args=(4, threading.Lock()), workers=1)
+    with open(__file__) as file, pytest.raises(TypeError, match=r"kwargs\['shape'\] must be picklable"):
+        mpfeed.Feeder(sources.numbered, args=(4,), kwargs={"shape": file}, workers=1)
     assert not psutil.Process().children()
 
 
