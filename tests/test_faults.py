@@ -220,16 +220,21 @@ def test_dev_shm_too_small_is_refused_before_any_worker_starts():
     assert isinstance(caught.value, OSError)
 
 
-def test_the_error_survives_the_trip_through_tensorflow():
+@pytest.mark.parametrize("how", ["raise", "sigkill"])
+def test_the_error_survives_the_trip_through_tensorflow(how):
     tf = pytest.importorskip("tensorflow")
-    spec = (tf.TensorSpec((4,), tf.int64), tf.TensorSpec((), tf.int64))
-    with mpfeed.Feeder(sources.raise_at, args=(20, 7), workers=2) as feeder:
+    spec = (tf.TensorSpec((8, 8), tf.int64), tf.TensorSpec((), tf.int64))
+    with mpfeed.Feeder(sources.faulty, args=(40, "mid", how), workers=2) as feeder:
         ds = feeder.dataset(spec)
         with pytest.raises(tf.errors.OpError) as caught:
             for _ in ds:
                 pass
+        pid = feeder.stats().workers[1].pid
+    kind, words = FAULTS[how]
     message = str(caught.value)
-    assert "worker 1 (pid" in message and "raised ValueError: bad record 7" in message
+    assert f"worker 1 (pid {pid})" in message and words in message
+    assert "element 5 of its shard (epoch 0)" in message
+    assert kind.__name__ in message
 
 
 def _run_script(body: str, start_method: str, **popen_options) -> subprocess.Popen:
