@@ -354,6 +354,7 @@ class Feeder:
         """Wait for any news: a worker's message or death, or a released slot. ``since`` is when the
         consumer started waiting for this element (for ``timeout``)."""
         supervisor = self._supervisor
+        supervisor.flush_credits()
         started = time.monotonic()
         try:
             while True:

@@ -11,7 +11,7 @@ Worker to consumer, in the order they happen (one pipe per worker keeps them ord
     FAILED   pickled dict              the source raised, or an element was refused; the worker exits
 
 Consumer to worker:
-    CREDIT   slot u32                  the slot is free again
+    CREDIT   slot u32 ...              these slots are free again
     RING     pickled (name, depth, slot_bytes)
     EPOCH    epoch u32                 start (or restart at) this epoch
     STOP                               close the source and exit
@@ -59,8 +59,12 @@ def read_end(message: bytes) -> tuple[int, int]:
     return _END.unpack_from(message, 1)
 
 
-def credit(slot: int) -> bytes:
-    return CREDIT + _U32.pack(slot)
+def credit(slots: list[int]) -> bytes:
+    return CREDIT + struct.pack(f"<{len(slots)}I", *slots)
+
+
+def read_credit(message: bytes) -> tuple[int, ...]:
+    return struct.unpack_from(f"<{(len(message) - 1) // 4}I", message, 1)
 
 
 def epoch(number: int) -> bytes:
@@ -68,5 +72,5 @@ def epoch(number: int) -> bytes:
 
 
 def read_u32(message: bytes) -> int:
-    """The number after the tag of a CREDIT or EPOCH message."""
+    """The number after the tag of an EPOCH message."""
     return _U32.unpack_from(message, 1)[0]

@@ -44,6 +44,7 @@ class WorkerHandle:
     items: int = 0  # elements delivered over the feeder's life
     bytes: int = 0
     held: int = 0  # slots whose views the user still holds
+    credits: list = field(default_factory=list)  # freed slots not yet sent back
 
     @property
     def pid(self) -> int:
@@ -71,6 +72,7 @@ class WorkerConfig:
 class Supervisor:
     def __init__(self, source: Any, args: tuple, kwargs: dict, config: WorkerConfig) -> None:
         self.config = config
+        self._credit_batch = max(1, config.depth // 2)
         self.epoch = 0
         self.overflow = 0
         self.closed = False
@@ -131,10 +133,22 @@ class Supervisor:
             handle.inbox.clear()
             if number > 0:
                 self._send(handle, protocol.epoch(number))
+        self.flush_credits()
 
     def credit(self, handle: WorkerHandle, slot: int) -> None:
-        """Give a slot back to its worker."""
-        self._send(handle, protocol.credit(slot))
+        """Give a slot back to its worker. Credits go in batches of half a ring: each message wakes the
+        worker, and waking it costs more than the message; `flush_credits` sends the rest."""
+        handle.credits.append(slot)
+        if len(handle.credits) >= self._credit_batch:
+            self._send(handle, protocol.credit(handle.credits))
+            handle.credits.clear()
+
+    def flush_credits(self) -> None:
+        """Send every credit held back (before the consumer waits, so no worker starves)."""
+        for handle in self.handles:
+            if handle.credits:
+                self._send(handle, protocol.credit(handle.credits))
+                handle.credits.clear()
 
     def _send(self, handle: WorkerHandle, message: bytes) -> None:
         try:

@@ -210,7 +210,7 @@ class _Worker:
             message = connection.recv_bytes()
             tag = message[:1]
             if tag == protocol.CREDIT:
-                self.free.append(protocol.read_u32(message))
+                self.free.extend(protocol.read_credit(message))
             elif tag == protocol.EPOCH:
                 raise _Restart(protocol.read_u32(message))
             elif tag == protocol.RING:
