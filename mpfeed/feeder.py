@@ -223,11 +223,14 @@ class Feeder:
         self._epoch_taken = True
         return self._serve(self._epoch)
 
-    def dataset(self, output_signature: Any = None):
-        """A `tf.data.Dataset` over this feeder; each pass over it is one epoch. See `mpfeed.tf`."""
+    def dataset(self, output_signature: Any = None, *, chunk_size: int | None = None):
+        """A `tf.data.Dataset` over this feeder; each pass over it is one epoch.
+
+        The signature is inferred from the first element when not given. Small elements reach TensorFlow
+        in chunks that the dataset unbatches in the graph (see `mpfeed.tf.feeder_dataset`)."""
         from .tf import feeder_dataset
 
-        return feeder_dataset(self, output_signature)
+        return feeder_dataset(self, output_signature, chunk_size)
 
     def stats(self) -> FeederStats:
         """Counters since the feeder started: throughput, waiting, overflow, copies, per-worker use."""

@@ -7,7 +7,7 @@ views point into the ring; the feeder returns a slot only when the last such ten
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -97,37 +97,106 @@ def _has_lists(node: Any) -> bool:
     return False
 
 
-def feeder_dataset(feeder: Feeder, output_signature: Any = None) -> tf.data.Dataset:
+_CHUNK_BYTES = 1 << 20  # small elements travel to TensorFlow in chunks of about this size
+_MAX_CHUNK = 256
+
+
+def feeder_dataset(
+    feeder: Feeder, output_signature: Any = None, chunk_size: int | None = None
+) -> tf.data.Dataset:
     """`tf.data.Dataset.from_generator` over ``feeder``: each pass over the dataset is one epoch.
+
+    Each call into a Python generator costs TensorFlow a fixed overhead, so small elements are stacked
+    into chunks of ``chunk_size`` (default: about 1 MiB, at most 256 elements) that the dataset unbatches
+    in the graph; an element of 1 MiB or more goes alone, as a zero-copy view. ``chunk_size=1`` hands
+    every element over as a view. Only elements of fixed, non-empty shapes and no strings are chunked
+    (TensorFlow 2.21's unbatch crashes on zero-size dimensions). A batched feeder's batches go as they are.
 
     The generator function holds the feeder weakly (TensorFlow keeps generator functions registered after
     the dataset is gone); the returned dataset, and every dataset made from it, owns the feeder.
     """
-    first = None
+    batched = feeder._supervisor.config.batch_size is not None
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
     if output_signature is None:
-        first = feeder._peek()
-        output_signature = infer_signature(first, batched=feeder._supervisor.config.batch_size is not None)
-    convert = _lists_to_tuples if first is not None and _has_lists(first) else None
+        output_signature = infer_signature(feeder._peek(), batched=batched)
+    chunkable = not batched and _fixed_size(output_signature)
+    if chunk_size is not None and chunk_size > 1 and not chunkable:
+        raise ValueError(
+            "chunk_size needs elements of fixed, non-empty shapes without strings, and an unbatched feeder"
+        )
+    if chunk_size is None:
+        chunk_size = _auto_chunk_size(output_signature) if chunkable else 1
     feeder_ref = weakref.ref(feeder)
 
-    def generate() -> Iterable[Any]:
+    def elements() -> Iterator[Any]:
         owner = feeder_ref()
         if owner is None:
             raise ClosedError("the feeder behind this dataset is gone")
-        elements = iter(owner)
+        iterator = iter(owner)
         del owner
-        checked = False
-        for element in elements:
-            if convert is not None:
-                element = convert(element)
-            if not checked:  # TensorFlow checks each element too, but cannot name the leaf
-                check_signature(element, output_signature)
-                checked = True
-            yield element
+        first = next(iterator, _NOTHING)
+        if first is _NOTHING:
+            return
+        convert = _lists_to_tuples if _has_lists(first) else None
+        first = convert(first) if convert else first
+        check_signature(first, output_signature)  # TensorFlow checks too, but cannot name the leaf
+        yield first
+        for element in iterator:
+            yield convert(element) if convert else element
 
-    dataset = tf.data.Dataset.from_generator(generate, output_signature=output_signature)
+    if chunk_size == 1:
+        dataset = tf.data.Dataset.from_generator(elements, output_signature=output_signature)
+    else:
+
+        def chunks() -> Iterator[Any]:
+            yield from _chunked(elements(), chunk_size)
+
+        chunk_signature = tf.nest.map_structure(
+            lambda spec: tf.TensorSpec((None, *spec.shape), spec.dtype), output_signature
+        )
+        dataset = tf.data.Dataset.from_generator(chunks, output_signature=chunk_signature).unbatch()
     dataset._mpfeed_feeder = feeder
     return dataset
+
+
+_NOTHING = object()
+
+
+def _chunked(elements: Iterator[Any], chunk_size: int) -> Iterator[Any]:
+    """Stack consecutive elements into chunks, copying each into its row at once (so its slot goes back
+    to its worker at once). An element of another shape ends the chunk (TensorFlow then reports it)."""
+    treedef = chunk = None
+    filled = 0
+    for element in elements:
+        tree, leaves = flatten(element)
+        if chunk is not None and (filled == chunk_size or not _fits(chunk, leaves)):
+            yield unflatten(treedef, [column[:filled] for column in chunk])
+            chunk = None
+        if chunk is None:
+            treedef, filled = tree, 0
+            chunk = [np.empty((chunk_size, *np.shape(leaf)), dtype=np.asarray(leaf).dtype) for leaf in leaves]
+        for column, leaf in zip(chunk, leaves):
+            column[filled] = leaf
+        filled += 1
+    if chunk is not None and filled:
+        yield unflatten(treedef, [column[:filled] for column in chunk])
+
+
+def _fixed_size(signature: Any) -> bool:
+    return all(
+        spec.dtype != tf.string and spec.shape.is_fully_defined() and spec.shape.num_elements() > 0
+        for spec in tf.nest.flatten(signature)
+    )
+
+
+def _auto_chunk_size(signature: Any) -> int:
+    nbytes = sum(spec.shape.num_elements() * spec.dtype.size for spec in tf.nest.flatten(signature))
+    return max(1, min(_MAX_CHUNK, _CHUNK_BYTES // nbytes))
+
+
+def _fits(chunk: list, leaves: list) -> bool:
+    return all(column.shape[1:] == np.shape(leaf) for column, leaf in zip(chunk, leaves))
 
 
 def from_generator(

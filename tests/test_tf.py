@@ -74,7 +74,7 @@ def test_tensors_alias_the_ring_and_stay_intact_under_prefetch_while_all_are_hel
     """prefetch(64) over depth-2 rings, every tensor kept: each one checked for corruption at the end."""
     n = 300
     with mpfeed.Feeder(sources.pairs, args=(n,), workers=2, depth=2, timeout=60) as feeder:
-        held = list(feeder.dataset().prefetch(64))
+        held = list(feeder.dataset(chunk_size=1).prefetch(64))  # zero-copy: every tensor aliases a slot
         for i, (array, label) in enumerate(held):
             assert int(label) == i
             np.testing.assert_array_equal(array.numpy(), np.arange(i, i + 64).reshape(8, 8))
@@ -85,12 +85,33 @@ def test_tensors_alias_the_ring_and_stay_intact_under_prefetch_while_all_are_hel
 
 def test_tensorflow_aliases_slot_views_without_copying():
     with mpfeed.Feeder(sources.pairs, args=(6,), workers=1, depth=4) as feeder:
-        tensors = [array for array, _ in feeder.dataset()]
+        tensors = [array for array, _ in feeder.dataset(chunk_size=1)]
         # The tensors keep the slots' views alive: their slots are held, not returned.
         assert feeder.stats().workers[0].held_slots >= 1
         del tensors
         gc.collect()
         assert feeder.stats().workers[0].held_slots == 0
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 7])
+def test_small_elements_travel_in_chunks_and_arrive_in_order(chunk_size):
+    n = 101  # shards of 34, 34 and 33: the last chunk is short
+    with mpfeed.Feeder(sources.pairs, args=(n,), workers=3, depth=2) as feeder:
+        ds = feeder.dataset(chunk_size=chunk_size)
+        assert ds.element_spec == (tf.TensorSpec((8, 8), tf.int64), tf.TensorSpec((), tf.int64))
+        for _ in range(2):
+            held = list(ds)
+            assert [int(label) for _, label in held] == list(range(n))
+            for i, (array, _) in enumerate(held):
+                np.testing.assert_array_equal(array.numpy(), np.arange(i, i + 64).reshape(8, 8))
+
+
+def test_chunks_need_fixed_shapes():
+    spec = (tf.TensorSpec((None, 8), tf.int64), tf.TensorSpec((), tf.int64))
+    with mpfeed.Feeder(sources.pairs, args=(4,), workers=1) as feeder:
+        with pytest.raises(ValueError, match="chunk_size needs elements of fixed, non-empty shapes"):
+            feeder.dataset(spec, chunk_size=4)
+        assert [int(label) for _, label in feeder.dataset(spec)] == [0, 1, 2, 3]  # element by element
 
 
 def test_dataset_pipelines_batch_and_map():
