@@ -25,15 +25,16 @@ class ShmSpaceError(MpfeedError, OSError):
 class WorkerError(MpfeedError, RuntimeError):
     """A worker process failed; the message names the worker, its pid, the element and the cause.
 
-    Attributes: ``worker`` (shard index), ``pid``, ``element`` (index of the element within the worker's
-    shard that it was producing, or None), ``epoch``, and ``remote_traceback`` (text, or None).
+    Attributes: ``worker`` (shard index; None for the fork server), ``pid``, ``element`` (index of the
+    element within the worker's shard that it was producing, or None), ``epoch``, and
+    ``remote_traceback`` (text, or None).
     """
 
     def __init__(
         self,
         message: str,
         *,
-        worker: int,
+        worker: int | None,
         pid: int | None,
         element: int | None = None,
         epoch: int | None = None,

@@ -26,7 +26,8 @@ from typing import Any
 
 import psutil
 
-from . import spawn
+from . import protocol, spawn
+from .errors import WorkerError, describe_exit
 
 FORK, PID, EXITED = b"K", b"P", b"Q"
 _PID = struct.Struct("<I")
@@ -113,6 +114,7 @@ class ForkServer:
         self._pids: list[int] = []
         self.exits: dict[int, int] = {}
         self.gone = False
+        self._failure: dict | None = None  # why the server could not start, as it reported
 
     def fork_all(self, configs: list[dict]) -> list[tuple[ForkedProcess, Connection]]:
         """Fork one worker per config; returns each one's process and the consumer's end of its pipe."""
@@ -149,14 +151,29 @@ class ForkServer:
                 elif message[:1] == EXITED:
                     pid, code = _EXIT.unpack_from(message, 1)
                     self.exits[pid] = code
+                elif message[:1] == protocol.FAILED:
+                    self._failure = pickle.loads(message[1:])
                 if not self.connection.poll(0):
                     return
         except (EOFError, OSError):
             self.gone = True
 
-    def _died(self) -> RuntimeError:
+    def _died(self) -> WorkerError:
+        self.read(timeout=_SERVER_EXIT_WAIT_S)  # its last words
         code = self.process.wait(_SERVER_EXIT_WAIT_S)
-        return RuntimeError(f"mpfeed's fork server (pid {self.process.pid}) ended with code {code}")
+        who = f"mpfeed's fork server (pid {self.process.pid})"
+        if self._failure is None:
+            return WorkerError(
+                f"{who} {describe_exit(code)} before starting the workers", worker=None, pid=None
+            )
+        info = self._failure
+        return WorkerError(
+            f"{who} could not start: {info['type']}: {info['message']}\n\n"
+            f"Worker traceback:\n{info['traceback']}",
+            worker=None,
+            pid=self.process.pid,
+            remote_traceback=info["traceback"],
+        )
 
     def close(self) -> None:
         """Close our end: the server terminates what is left of its workers, reaps them and exits."""

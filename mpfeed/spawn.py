@@ -97,26 +97,43 @@ def launch(work: bytes, main_spec: dict, config: dict) -> tuple[subprocess.Popen
     return process, connection
 
 
-class _Inert(types.ModuleType):
-    """What ``import tensorflow`` gives inside a worker: any attribute is another inert stand-in."""
+class _InertModule(types.ModuleType):
+    """What ``import tensorflow`` gives inside a worker: every attribute is an inert stand-in."""
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
-        return _Inert(f"{self.__name__}.{name}")
+        return _stand_in(f"{self.__name__}.{name}")
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return _Inert(f"{self.__name__}()")
 
-    def __repr__(self) -> str:
+class _StandIn(type):
+    """An inert stand-in for a TensorFlow or Keras object. Stand-ins are classes, so a script may
+    subclass them at its top level (``class Clock(keras.callbacks.Callback)``), decorate with them, call
+    them and read their attributes; each of those gives another stand-in."""
+
+    def __getattr__(cls, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return _stand_in(f"{cls.__qualname__}.{name}")
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        return _stand_in(f"{cls.__qualname__}()")
+
+    def __repr__(cls) -> str:
         return (
-            f"<inert stand-in for {self.__name__}: mpfeed workers never load TensorFlow; "
+            f"<inert stand-in for {cls.__qualname__}: mpfeed workers never load TensorFlow; "
             "do the work with numpy or Pillow>"
         )
 
 
+def _stand_in(name: str) -> type:
+    stand_in = _StandIn(name.rsplit(".", 1)[-1], (), {"__module__": name.rsplit(".", 1)[0]})
+    stand_in.__qualname__ = name
+    return stand_in
+
+
 class _TensorFlowGuard(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Answers imports of TensorFlow and Keras with `_Inert` modules."""
+    """Answers imports of TensorFlow and Keras (and their submodules) with `_InertModule`s."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname.split(".")[0] in GUARDED_MODULES:
@@ -124,7 +141,7 @@ class _TensorFlowGuard(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def create_module(self, spec):
-        module = _Inert(spec.name)
+        module = _InertModule(spec.name)
         module.__path__ = []
         return module
 

@@ -111,8 +111,6 @@ class Supervisor:
                 if ring is not None:
                     ring.close()
             self.close()
-            if self.server is not None:
-                self.server.close()
             raise
 
     # -- epochs --------------------------------------------------------------------------------------

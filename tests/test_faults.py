@@ -322,3 +322,35 @@ def test_ctrl_c_reaches_the_user_and_leaves_nothing_behind(start_method):
         consumer.kill()
         consumer.wait()
         consumer.stdout.close()
+
+
+def test_a_main_script_that_cannot_be_imported_in_a_worker_is_reported(tmp_path, start_method):
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import mpfeed, sources
+
+            if __name__ == "__mp_main__":  # what workers import the script as
+                raise RuntimeError("this script refuses to be imported by a worker")
+
+            def source(shard):
+                yield 1
+
+            if __name__ == "__main__":
+                try:
+                    feeder = mpfeed.Feeder(source, workers=2, start_method={start_method!r})
+                    for _ in feeder:
+                        pass
+                except mpfeed.WorkerError as error:
+                    print(type(error).__name__, str(error).splitlines()[0])
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert "could not start: RuntimeError: this script refuses to be imported by a worker" in result.stdout, (
+        result.stdout + result.stderr[-2000:]
+    )

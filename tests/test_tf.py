@@ -143,7 +143,23 @@ def test_workers_never_import_tensorflow_even_when_the_main_script_does(tmp_path
             import numpy as np
             import mpfeed
 
-            AUTOTUNE = tf.data.AUTOTUNE  # top-level use of TensorFlow, common in training scripts
+            import keras
+            from tensorflow.keras import layers
+
+            AUTOTUNE = tf.data.AUTOTUNE  # top-level uses of TensorFlow, common in training scripts
+
+
+            class Clock(keras.callbacks.Callback):
+                def on_epoch_end(self, epoch, logs=None):
+                    pass
+
+
+            @tf.function
+            def augment(x):
+                return tf.image.flip_left_right(x)
+
+
+            DENSE = layers.Dense(4, activation="relu")
 
             def source(shard):
                 module = sys.modules.get("tensorflow")
