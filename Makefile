@@ -28,5 +28,8 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python scripts/bench.py --quick
 
+scale: $(STAMP)
+	$(BIN)/python scripts/scale.py
+
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,188 @@
+"""The workloads of BENCH.md, shared by every contender.
+
+Each workload has a plain per-item function, ``item(i) -> element``, for the contenders that call the
+work themselves (`from_generator`, threads, `tf-map`, pools), and a module-level generator function with
+mpfeed's source signature, ``source(n, shard)``, that yields this shard's items ``i = index, index +
+count, ...`` below ``n``. Everything here is picklable and imports neither TensorFlow nor Keras, so
+worker processes of any kind stay light.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SHAPE = (224, 224, 3)
+IO_SLEEP_S = 0.010
+JPEG_SIZE = (500, 375)
+JPEG_QUALITY = 90
+TRANSFER_FLOATS = 2 * 1024 * 1024  # 8 MiB of float32
+TINY_VALUES = 10
+DECODE_BATCH = 64
+
+# How many annotation records the `python` workload parses per element: about 5 ms of GIL-holding work
+# on one core of the 2-core AMD EPYC it was tuned on (the benchmark measures and reports the real rate).
+PYTHON_RECORDS = 6000
+
+
+def _image(i: int) -> np.ndarray:
+    """A fresh 224x224x3 uint8 image, as a loader would allocate one per element."""
+    return np.full(IMAGE_SHAPE, i % 256, dtype=np.uint8)
+
+
+# -- io: slow storage ---------------------------------------------------------------------------------
+
+
+def io_item(i: int) -> tuple[np.ndarray, np.int64]:
+    time.sleep(IO_SLEEP_S)
+    return _image(i), np.int64(i)
+
+
+# -- decode: JPEG decode and resize (Pillow releases the GIL) -----------------------------------------
+
+
+@functools.cache
+def jpeg_bytes() -> bytes:
+    """One ~500x375 JPEG (quality 90) of smooth random content, the same in every process."""
+    rng = np.random.default_rng(20240601)
+    coarse = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+    picture = Image.fromarray(coarse).resize(JPEG_SIZE, Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def decode_item(i: int) -> tuple[np.ndarray, np.int64]:
+    with Image.open(io.BytesIO(jpeg_bytes())) as picture:
+        resized = picture.convert("RGB").resize(IMAGE_SHAPE[:2], Image.Resampling.BILINEAR)
+    return np.asarray(resized), np.int64(i)
+
+
+# -- python: pure-Python work that holds the GIL -------------------------------------------------------
+
+
+@functools.cache
+def _annotation() -> str:
+    """A text annotation of boxes, the kind of thing a loader parses per element."""
+    return ";".join(
+        f"{k % 91},{k * 7 % 224},{k * 13 % 224},{k * 3 % 97},{k * 5 % 89}" for k in range(PYTHON_RECORDS)
+    )
+
+
+def python_item(i: int) -> tuple[np.ndarray, np.int64]:
+    boxes = []
+    for record in _annotation().split(";"):
+        label, x, y, w, h = (int(field) for field in record.split(","))
+        if w and h:
+            boxes.append((label, x / 224, y / 224, (x + w) / 224, (y + h) / 224))
+    area = sum((x1 - x0) * (y1 - y0) for _, x0, y0, x1, y1 in boxes)
+    return _image(i + int(area)), np.int64(i)
+
+
+# -- transfer: bytes through the transport -------------------------------------------------------------
+
+
+@functools.cache
+def _big_array() -> np.ndarray:
+    array = np.arange(TRANSFER_FLOATS, dtype=np.float32)
+    array.flags.writeable = False
+    return array
+
+
+def transfer_item(i: int) -> np.ndarray:
+    """No work: the same 8 MiB array every time (ready in memory, as after a cache hit)."""
+    return _big_array()
+
+
+# -- tiny: the per-element overhead --------------------------------------------------------------------
+
+
+def tiny_item(i: int) -> tuple[np.ndarray, np.int64]:
+    return np.full(TINY_VALUES, i, dtype=np.float32), np.int64(i)
+
+
+# -- mpfeed sources: this shard's items, in the signature mpfeed calls ---------------------------------
+
+
+def io_source(n: int, shard: Any) -> Iterator[Any]:
+    for i in range(shard.index, n, shard.count):
+        yield io_item(i)
+
+
+def decode_source(n: int, shard: Any) -> Iterator[Any]:
+    for i in range(shard.index, n, shard.count):
+        yield decode_item(i)
+
+
+def python_source(n: int, shard: Any) -> Iterator[Any]:
+    for i in range(shard.index, n, shard.count):
+        yield python_item(i)
+
+
+def transfer_source(n: int, shard: Any) -> Iterator[Any]:
+    for i in range(shard.index, n, shard.count):
+        yield transfer_item(i)
+
+
+def tiny_source(n: int, shard: Any) -> Iterator[Any]:
+    for i in range(shard.index, n, shard.count):
+        yield tiny_item(i)
+
+
+# -- the table of workloads ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    item: Callable[[int], Any]
+    source: Callable[..., Iterator[Any]]
+    batch_size: int | None
+    """Elements per batch: worker-side in mpfeed, ``.batch()`` elsewhere; None for single elements."""
+    limit: str
+    """What bounds it: ``ideal-io`` (workers / sleep), ``ideal-cpu`` (one core's rate x cores),
+    ``memcpy`` or ``ceiling`` (from_generator over an in-memory list)."""
+    what: str
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in [
+        Workload("io", io_item, io_source, None, "ideal-io", "sleeps 10 ms per element"),
+        Workload("decode", decode_item, decode_source, None, "ideal-cpu", "JPEG 500x375 -> 224x224"),
+        Workload("python", python_item, python_source, None, "ideal-cpu", "~5 ms of GIL-holding Python"),
+        Workload("transfer", transfer_item, transfer_source, None, "memcpy", "one 8 MiB float32 array"),
+        Workload("tiny", tiny_item, tiny_source, None, "ceiling", "10 float32 + label, no work"),
+        Workload(
+            "decode-batched", decode_item, decode_source, DECODE_BATCH, "ideal-cpu", "decode, batches of 64"
+        ),
+    ]
+}
+
+
+def one_core_rate(name: str, seconds: float) -> float:
+    """Elements per second of ``name``'s work alone, in this process."""
+    item = WORKLOADS[name].item
+    item(0)
+    started, count = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        item(count)
+        count += 1
+    return count / (time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    # `python scripts/workloads.py [seconds] [names...]`: one core's rate of each workload, as JSON.
+    import json
+    import sys
+
+    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 1.0
+    names = sys.argv[2:] or list(WORKLOADS)
+    print(json.dumps({name: one_core_rate(name, seconds) for name in names}))
