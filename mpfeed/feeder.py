@@ -9,6 +9,7 @@ deadlocks.
 
 from __future__ import annotations
 
+import inspect
 import os
 import secrets
 import socket
@@ -160,6 +161,7 @@ class Feeder:
     ) -> None:
         if not callable(source):
             raise TypeError(f"source must be callable (a generator function), got {type(source).__name__}")
+        _check_call(source, args, kwargs)
         workers = _usable_cpus() if workers is None else workers
         _require(isinstance(workers, int) and workers >= 1, f"workers must be an int >= 1, got {workers!r}")
         _require(isinstance(depth, int) and depth >= 1, f"depth must be an int >= 1, got {depth!r}")
@@ -400,6 +402,7 @@ class Feeder:
         if message[:1] == protocol.INLINE:
             base = _readonly_copy(memoryview(message)[protocol.INLINE_HEADER :])
             element, _, count, nbytes = self._decoder.decode(base)
+            self._supervisor.release(handle, message)
         else:
             slot = protocol.read_filled(message)[0]
             base = handle.ring.slot_view(slot)
@@ -435,7 +438,8 @@ class Feeder:
 
     def _check_usable(self) -> None:
         if self._broken is not None:
-            raise self._broken
+            # The same error each time, without the frames of earlier raises (they would pin memory).
+            raise self._broken.with_traceback(None)
         if self._closed:
             raise ClosedError("the feeder is closed")
 
@@ -484,6 +488,23 @@ def _worker_stats(handle: WorkerHandle, released: int) -> WorkerStats:
         cpu_s=cpu_s,
         rss_bytes=rss,
     )
+
+
+def _check_call(source: Callable[..., Any], args: tuple, kwargs: dict[str, Any] | None) -> None:
+    """Refuse a source that cannot be called as ``source(*args, shard=..., **kwargs)`` before any worker
+    starts, instead of failing in every worker."""
+    try:
+        signature = inspect.signature(source)
+    except (TypeError, ValueError):
+        return  # a builtin or an extension type: nothing to check
+    try:
+        signature.bind(*args, shard=None, **(kwargs or {}))
+    except TypeError as error:
+        name = getattr(source, "__qualname__", repr(source))
+        raise TypeError(
+            f"mpfeed calls source(*args, shard=Shard, **kwargs) in every worker, but {name}{signature} "
+            f"does not take that: {error}"
+        ) from None
 
 
 def _require(condition: bool, message: str) -> None:

@@ -1,9 +1,10 @@
-"""A fork server per feeder: one interpreter imports the source once, then forks every worker from it.
+"""A fork server per feeder: one fresh interpreter imports mpfeed and numpy, then forks every worker.
 
-A spawned worker pays for its own imports (numpy, the user's modules, the main script); forked from a
-server that has done them already, it starts in milliseconds. The server is itself started like a
-spawned worker (a fresh interpreter, TensorFlow guarded) and stays single-threaded, so nothing unsafe is
-ever forked; it never touches the rings.
+A spawned worker pays for starting an interpreter and importing numpy; forked from a server that has
+done that already, it starts in milliseconds. The server never runs user code: each forked worker
+imports the user's modules and unpickles the source itself, so nothing created at import (an open
+file, a random generator, a thread pool) is shared between workers, and the server stays
+single-threaded, which is what makes forking it safe. It never touches the rings.
 
 Consumer to server:  FORK + pickled worker config, then the worker's pipe end as an SCM_RIGHTS fd
 Server to consumer:  PID + pid (one per FORK, in order); EXITED + pid + exit code (as workers end)
@@ -22,7 +23,6 @@ import subprocess
 import sys
 import time
 from multiprocessing.connection import Connection
-from typing import Any
 
 import psutil
 
@@ -34,14 +34,16 @@ _PID = struct.Struct("<I")
 _EXIT = struct.Struct("<Ii")
 _REAP_INTERVAL_S = 0.05
 _SERVER_EXIT_WAIT_S = 5.0
+_SERVER_ANSWER_S = 30.0  # for the server to report the pids of the workers it forked
+_CHILDREN_GRACE_S = 2.0
 
 
 # -- the server process ------------------------------------------------------------------------------
 
 
-def serve(connection: Connection, source: Any, args: tuple, kwargs: dict) -> int:
+def serve(connection: Connection, bootstrap: dict, work: bytes) -> int:
     """The server's loop: fork workers on request, report their exits, end with the consumer."""
-    from . import worker
+    from . import worker  # noqa: F401  (preloaded for every worker: numpy and mpfeed's worker side)
 
     channel = socket.socket(fileno=os.dup(connection.fileno()))
     children: set[int] = set()
@@ -61,11 +63,12 @@ def serve(connection: Connection, source: Any, args: tuple, kwargs: dict) -> int
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                code = worker.EXIT_FAILED
+                code = 1
                 try:
                     connection.close()
                     channel.close()
-                    code = worker.run(Connection(fds[0]), source, args, kwargs, config)
+                    os.set_inheritable(fds[0], False)
+                    code = spawn.start_worker(Connection(fds[0]), bootstrap, work, config)
                 finally:
                     sys.stdout.flush()
                     sys.stderr.flush()
@@ -74,17 +77,27 @@ def serve(connection: Connection, source: Any, args: tuple, kwargs: dict) -> int
             children.add(pid)
             connection.send_bytes(PID + _PID.pack(pid))
     finally:
+        _end_children(children)
+    return 0
+
+
+def _end_children(children: set[int]) -> None:
+    """SIGTERM, a grace period, then SIGKILL: a worker that handles SIGTERM cannot keep us alive."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
         for pid in children:
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signum)
             except ProcessLookupError:
                 pass
-        for pid in children:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-    return 0
+        deadline = time.monotonic() + _CHILDREN_GRACE_S
+        while children and time.monotonic() < deadline:
+            for pid in list(children):
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        children.discard(pid)
+                except ChildProcessError:
+                    children.discard(pid)
+            time.sleep(0.01)
 
 
 def _report_exits(connection: Connection, children: set[int]) -> None:
@@ -130,9 +143,10 @@ class ForkServer:
             finally:
                 child_end.close()
             ends.append(Connection(parent_end.detach()))
+        deadline = time.monotonic() + _SERVER_ANSWER_S
         while len(self._pids) < len(configs):
-            self.read(timeout=_SERVER_EXIT_WAIT_S)
-            if self.gone:
+            self.read(timeout=_REAP_INTERVAL_S)
+            if self.gone or time.monotonic() > deadline:
                 for end in ends:
                     end.close()
                 raise self._died()
@@ -159,12 +173,16 @@ class ForkServer:
             self.gone = True
 
     def _died(self) -> WorkerError:
-        self.read(timeout=_SERVER_EXIT_WAIT_S)  # its last words
-        code = self.process.wait(_SERVER_EXIT_WAIT_S)
+        self.read(timeout=_REAP_INTERVAL_S)  # its last words
+        try:
+            code = self.process.wait(_SERVER_EXIT_WAIT_S if self.gone else 0)
+            state = describe_exit(code)
+        except subprocess.TimeoutExpired:
+            state = f"did not answer within {_SERVER_ANSWER_S:g} s"
         who = f"mpfeed's fork server (pid {self.process.pid})"
         if self._failure is None:
             return WorkerError(
-                f"{who} {describe_exit(code)} before starting the workers", worker=None, pid=None
+                f"{who} {state} before starting the workers", worker=None, pid=self.process.pid
             )
         info = self._failure
         return WorkerError(

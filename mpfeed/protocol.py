@@ -4,8 +4,10 @@ Worker to consumer, in the order they happen (one pipe per worker keeps them ord
     FILLED   slot u32, epoch u32, produced u64
                                        a record waits in that slot; ``produced`` counts the shard's
                                        elements up to and including it
-    INLINE   epoch u32, produced u64, record bytes
-                                       a record that has no slot (the first, or one too big for a slot)
+    INLINE   epoch u32, produced u64, slot u32, record bytes
+                                       a record that travels in the pipe: the first one (it sizes the
+                                       ring; slot is NO_SLOT) or one too big for a slot (it still holds a
+                                       slot's credit, so the consumer never queues more than a ring's worth)
     END      epoch u32, count u64      the shard's epoch is over after ``count`` elements
     ATTACHED                           the worker mapped its ring; the name can go
     FAILED   pickled dict              the source raised, or an element was refused; the worker exits
@@ -26,7 +28,9 @@ CREDIT, RING, EPOCH, STOP = b"C", b"R", b"N", b"S"
 
 _U32 = struct.Struct("<I")
 _FILLED = struct.Struct("<IIQ")
-_END = struct.Struct("<IQ")  # also the prefix of INLINE: epoch, produced
+_END = struct.Struct("<IQ")
+_INLINE = struct.Struct("<IQI")
+NO_SLOT = 0xFFFFFFFF
 
 
 def filled(slot: int, epoch: int, produced: int) -> bytes:
@@ -38,16 +42,16 @@ def read_filled(message: bytes) -> tuple[int, int, int]:
     return _FILLED.unpack_from(message, 1)
 
 
-def inline_prefix(epoch: int, produced: int) -> bytes:
-    return INLINE + _END.pack(epoch, produced)
+def inline_prefix(epoch: int, produced: int, slot: int) -> bytes:
+    return INLINE + _INLINE.pack(epoch, produced, slot)
 
 
-def read_inline(message: bytes) -> tuple[int, int]:
-    """``(epoch, produced)``."""
-    return _END.unpack_from(message, 1)
+def read_inline(message: bytes) -> tuple[int, int, int]:
+    """``(epoch, produced, slot)``."""
+    return _INLINE.unpack_from(message, 1)
 
 
-INLINE_HEADER = 1 + _END.size  # the record starts this far into an INLINE message
+INLINE_HEADER = 1 + _INLINE.size  # the record starts this far into an INLINE message
 
 
 def end(epoch: int, count: int) -> bytes:

@@ -101,6 +101,8 @@ class _InertModule(types.ModuleType):
     """What ``import tensorflow`` gives inside a worker: every attribute is an inert stand-in."""
 
     def __getattr__(self, name: str) -> Any:
+        if name == "__version__":
+            return "0+inert"
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
         return _stand_in(f"{self.__name__}.{name}")
@@ -118,6 +120,23 @@ class _StandIn(type):
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         return _stand_in(f"{cls.__qualname__}()")
+
+    # Enough of the container and context protocols for the usual top-level lines of a training
+    # script: `for gpu in tf.config.list_physical_devices("GPU")`, `len(...)`, `with strategy.scope():`.
+    def __iter__(cls):
+        return iter(())
+
+    def __len__(cls) -> int:
+        return 0
+
+    def __getitem__(cls, key: Any) -> Any:
+        return _stand_in(f"{cls.__qualname__}[]")
+
+    def __enter__(cls) -> Any:
+        return cls
+
+    def __exit__(cls, *exc_info: Any) -> None:
+        return None
 
     def __repr__(cls) -> str:
         return (
@@ -150,30 +169,38 @@ class _TensorFlowGuard(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def child_main(fd: int) -> None:
-    """Worker interpreter entry point: set up like the parent, then run the worker loop."""
+    """Interpreter entry point: read everything the parent sends, set up like the parent, then become a
+    worker or a fork server. Reading first means a slow main-module import never blocks the parent."""
     # Ctrl-C reaches the whole process group; the parent handles it and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.set_inheritable(fd, False)  # a subprocess of the source must not keep our pipe open
     connection = Connection(fd)
     bootstrap = pickle.loads(connection.recv_bytes())
+    work = connection.recv_bytes()
+    config = pickle.loads(connection.recv_bytes())
     sys.path[:] = bootstrap["sys_path"]
     os.chdir(bootstrap["cwd"])
     sys.meta_path.insert(0, _TensorFlowGuard())
+    if config.get("role") == "forkserver":
+        from . import forkserver
+
+        sys.exit(forkserver.serve(connection, bootstrap, work))
+    sys.exit(start_worker(connection, bootstrap, work, config))
+
+
+def start_worker(connection: Connection, bootstrap: dict, work: bytes, config: dict) -> int:
+    """In a new worker process (spawned, or just forked): import what the work needs, unpickle it, run.
+    Each worker does this itself, so nothing the user's modules create at import is shared."""
     from . import worker
 
     try:
         if "main_name" in bootstrap or "main_path" in bootstrap:
             _import_main(bootstrap)
-        source, args, kwargs = pickle.loads(connection.recv_bytes())
+        source, args, kwargs = pickle.loads(work)
     except BaseException as error:
         worker.report_failure(connection, "start", error, element=None, epoch=0)
-        sys.exit(worker.EXIT_FAILED)
-    config = pickle.loads(connection.recv_bytes())
-    if config.get("role") == "forkserver":
-        from . import forkserver
-
-        sys.exit(forkserver.serve(connection, source, args, kwargs))
-    sys.exit(worker.run(connection, source, args, kwargs, config))
+        return worker.EXIT_FAILED
+    return worker.run(connection, source, args, kwargs, config)
 
 
 def _import_main(bootstrap: dict) -> None:

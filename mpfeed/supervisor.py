@@ -85,7 +85,8 @@ class Supervisor:
             if config.slot_bytes is not None:
                 total = config.workers * config.depth * config.slot_bytes
                 check_shm_space(total, total, config.workers, config.depth, config.slot_bytes)
-                rings = [Ring.create(config.depth, config.slot_bytes, workers=config.workers) for _ in rings]
+                for index in range(config.workers):  # one at a time, so a failure closes those made
+                    rings[index] = Ring.create(config.depth, config.slot_bytes, workers=config.workers)
             configs = [
                 {
                     "index": index,
@@ -96,6 +97,7 @@ class Supervisor:
                     "drop_remainder": config.drop_remainder,
                     "ring": None if ring is None else (ring.name, ring.depth, ring.slot_bytes),
                     "parent_pid": os.getpid(),
+                    "consumer_pid": os.getpid(),
                 }
                 for index, ring in enumerate(rings)
             ]
@@ -126,12 +128,21 @@ class Supervisor:
                     handle.inbox.popleft()
                 continue
             for message in handle.inbox:
-                if message[:1] == protocol.FILLED:
-                    self.credit(handle, protocol.read_filled(message)[0])
+                self.release(handle, message)
             handle.inbox.clear()
             if number > 0:
                 self._send(handle, protocol.epoch(number))
         self.flush_credits()
+
+    def release(self, handle: WorkerHandle, message: bytes) -> None:
+        """Give back the slot credit a FILLED or INLINE message holds, if any."""
+        tag = message[:1]
+        if tag == protocol.FILLED:
+            self.credit(handle, protocol.read_filled(message)[0])
+        elif tag == protocol.INLINE:
+            slot = protocol.read_inline(message)[2]
+            if slot != protocol.NO_SLOT:
+                self.credit(handle, slot)
 
     def credit(self, handle: WorkerHandle, slot: int) -> None:
         """Give a slot back to its worker. Credits go in batches of half a ring: each message wakes the
@@ -193,21 +204,23 @@ class Supervisor:
     def _dispatch(self, handle: WorkerHandle, message: bytes) -> None:
         tag = message[:1]
         if tag == protocol.FILLED:
-            slot, epoch, produced = protocol.read_filled(message)
+            _, epoch, produced = protocol.read_filled(message)
             if epoch == self.epoch:
                 handle.inbox.append(message)
                 handle.produced = produced
             else:
-                self.credit(handle, slot)
+                self.release(handle, message)
         elif tag == protocol.INLINE:
             if handle.ring is None:
                 self._create_ring(handle, len(message) - protocol.INLINE_HEADER)
             else:
                 self.overflow += 1
-            epoch, produced = protocol.read_inline(message)
+            epoch, produced, _ = protocol.read_inline(message)
             if epoch == self.epoch:
                 handle.inbox.append(message)
                 handle.produced = produced
+            else:
+                self.release(handle, message)
         elif tag == protocol.END:
             if protocol.read_end(message)[0] == self.epoch:
                 handle.inbox.append(message)
@@ -270,8 +283,12 @@ class Supervisor:
             if ended
             else f"while producing element {handle.produced} of its shard (epoch {self.epoch})"
         )
+        how = describe_exit(exitcode)
+        if exitcode is None and self.server is not None and self.server.gone:
+            server_code = self.server.process.poll()
+            how += f": mpfeed's fork server (pid {self.server.process.pid}) {describe_exit(server_code)}"
         error = WorkerDiedError(
-            f"{self._who(handle)} {describe_exit(exitcode)} {state}",
+            f"{self._who(handle)} {how} {state}",
             worker=handle.index,
             pid=handle.pid,
             element=None if ended else handle.produced,

@@ -165,10 +165,19 @@ _NOTHING = object()
 
 def _chunked(elements: Iterator[Any], chunk_size: int) -> Iterator[Any]:
     """Stack consecutive elements into chunks, copying each into its row at once (so its slot goes back
-    to its worker at once). An element of another shape ends the chunk (TensorFlow then reports it)."""
+    to its worker at once). An element of another shape ends the chunk (TensorFlow then reports it), and
+    a failure delivers the elements before it first."""
     treedef = chunk = None
     filled = 0
-    for element in elements:
+    while True:
+        try:
+            element = next(elements)
+        except StopIteration:
+            break
+        except Exception:
+            if chunk is not None and filled:
+                yield unflatten(treedef, [column[:filled] for column in chunk])
+            raise
         tree, leaves = flatten(element)
         if chunk is not None and (filled == chunk_size or not _fits(chunk, leaves)):
             yield unflatten(treedef, [column[:filled] for column in chunk])

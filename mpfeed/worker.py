@@ -52,20 +52,31 @@ class _Failed(Exception):
 
 def run(connection: Connection, source: Any, args: tuple, kwargs: dict, config: dict) -> int:
     """Produce epochs until stopped; returns the process exit code."""
-    _watch_parent(config["parent_pid"])
+    _watch_parent(config["parent_pid"], config["consumer_pid"])
     return _Worker(connection, source, args, kwargs, config).run()
 
 
-def _watch_parent(parent_pid: int) -> None:
-    """Exit when the consumer dies, even while the source computes. We compare ``os.getppid()`` instead of
-    using PR_SET_PDEATHSIG, which fires when the *thread* that started us ends."""
+def _watch_parent(parent_pid: int, consumer_pid: int) -> None:
+    """Exit when our parent (the consumer, or the fork server) or the consumer dies, even while the source
+    computes. We compare ``os.getppid()`` instead of using PR_SET_PDEATHSIG, which fires when the
+    *thread* that started us ends."""
 
     def watch() -> None:
-        while os.getppid() == parent_pid:
+        while os.getppid() == parent_pid and _alive(consumer_pid):
             time.sleep(_PARENT_CHECK_S)
         os._exit(EXIT_ORPHANED)
 
     threading.Thread(target=watch, name="mpfeed-parent-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def report_failure(
@@ -172,19 +183,25 @@ class _Worker:
             record = self.encoder.prepare(items, seq, batched)
         except (TypeError, ValueError) as error:
             raise self._fail("element", error, seq, epoch) from None
-        if self.ring is None or record.nbytes > self.ring.slot_bytes:
-            message = bytearray(protocol.INLINE_HEADER + record.nbytes)
-            message[: protocol.INLINE_HEADER] = protocol.inline_prefix(epoch, produced)
-            record.write(memoryview(message)[protocol.INLINE_HEADER :])
-            self.connection.send_bytes(message)
-            while self.ring is None:  # the consumer sizes our ring from this first record
+        if self.ring is None:  # the first record: the consumer sizes our ring from it
+            self._send_inline(record, epoch, produced, protocol.NO_SLOT)
+            while self.ring is None:
                 self._handle_control(block=True)
             return
         while not self.free:
             self._handle_control(block=True)
         slot = self.free.popleft()
+        if record.nbytes > self.ring.slot_bytes:
+            self._send_inline(record, epoch, produced, slot)
+            return
         record.write(self.ring.slot(slot))
         self.connection.send_bytes(protocol.filled(slot, epoch, produced))
+
+    def _send_inline(self, record, epoch: int, produced: int, slot: int) -> None:
+        message = bytearray(protocol.INLINE_HEADER + record.nbytes)
+        message[: protocol.INLINE_HEADER] = protocol.inline_prefix(epoch, produced, slot)
+        record.write(memoryview(message)[protocol.INLINE_HEADER :])
+        self.connection.send_bytes(message)
 
     def _fail(self, where: str, error: BaseException, element: int, epoch: int) -> _Failed:
         report_failure(self.connection, where, error, element=element, epoch=epoch)

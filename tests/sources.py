@@ -163,3 +163,33 @@ def ragged(shard):
     """Nested lists whose lengths change: a structure that changes mid-stream."""
     yield [[1, 2], [3]]
     yield [[1], [2, 3]]
+
+
+_IMPORT_TIME_RNG = np.random.default_rng()  # state created when a worker imports this module
+
+
+def import_time_draws(shard):
+    """A draw from a generator made at import: distinct per worker only if each imported on its own."""
+    yield _IMPORT_TIME_RNG.random()
+
+
+def small_then_large(n, size, slow_worker, shard):
+    """A small first element (it sizes the ring), then ``size``-byte ones that overflow their slots;
+    worker ``slow_worker`` takes two seconds before its first element."""
+    if shard.index == slow_worker:
+        time.sleep(2.0)
+    for k, i in enumerate(range(shard.index, n, shard.count)):
+        yield np.full(8 if k == 0 else size, i % 251, dtype=np.uint8), i
+
+
+def ignores_sigterm(shard):
+    """Handles SIGTERM by ignoring it, then produces very slowly: only SIGKILL ends it."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    while True:
+        yield np.zeros(4), 0
+        time.sleep(3600)
+
+
+def no_shard_parameter(n):
+    """A plain generator function that forgot the ``shard`` keyword."""
+    yield from range(n)

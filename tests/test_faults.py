@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+import traceback
 
 import numpy as np
 import psutil
@@ -147,6 +148,35 @@ def test_a_worker_dying_while_it_writes_a_slot_is_reported(tmp_path, start_metho
     assert error.delivered == [0], "the half-written slot is never handed out"
 
 
+def test_a_broken_feeder_raises_the_same_error_without_piling_up_tracebacks():
+    with mpfeed.Feeder(sources.raise_at, args=(20, 3), workers=2) as feeder:
+        first = _consume(feeder)
+        for _ in range(50):
+            with pytest.raises(mpfeed.SourceError) as caught:
+                iter(feeder)
+        assert caught.value is first
+        assert len(traceback.extract_tb(caught.value.__traceback__)) < 10
+
+
+def test_elements_before_a_failure_still_reach_a_chunked_dataset():
+    tf = pytest.importorskip("tensorflow")
+    with mpfeed.Feeder(sources.raise_at, args=(400, 300), workers=2) as feeder:
+        labels = []
+        with pytest.raises(tf.errors.OpError, match="bad record 300"):
+            for _, label in feeder.dataset():
+                labels.append(int(label))
+    assert labels == list(range(len(labels))) and len(labels) >= 200
+
+
+def test_a_killed_fork_server_is_named_in_the_error():
+    with mpfeed.Feeder(sources.slow, args=(1000, 0.01), workers=2, start_method="forkserver") as feeder:
+        server = feeder._supervisor.server.process
+        threading.Timer(0.3, server.kill).start()
+        error = _consume(feeder)
+    assert isinstance(error, mpfeed.WorkerDiedError)
+    assert f"mpfeed's fork server (pid {server.pid}) was killed by SIGKILL (-9)" in str(error)
+
+
 @pytest.mark.parametrize(
     "leaf, kind, words",
     [
@@ -202,7 +232,7 @@ def test_an_unpicklable_source_or_argument_is_refused_before_any_worker_starts()
     with pytest.raises(
         TypeError, match=r"args\[1\] must be picklable; 'lock'.*a path instead of an open file"
     ):
-        mpfeed.Feeder(sources.numbered, args=(4, threading.Lock()), workers=1)
+        mpfeed.Feeder(sources.raise_at, args=(4, threading.Lock()), workers=1)
     with open(__file__) as file, pytest.raises(TypeError, match=r"kwargs\['shape'\] must be picklable"):
         mpfeed.Feeder(sources.numbered, args=(4,), kwargs={"shape": file}, workers=1)
     assert not psutil.Process().children()
@@ -286,6 +316,30 @@ def test_sigkill_of_the_whole_process_group_leaves_nothing_in_dev_shm(start_meth
         )
         assert not alive
         assert not shm_entries(), "names must be gone once workers attached"
+    finally:
+        consumer.kill()
+        consumer.wait()
+        consumer.stdout.close()
+
+
+def test_workers_that_ignore_sigterm_still_end_when_the_consumer_is_killed(start_method):
+    consumer = _run_script(
+        """
+        import time, sources, mpfeed
+        feeder = mpfeed.Feeder(sources.ignores_sigterm, workers=2, start_method=START_METHOD)
+        next(iter(feeder))
+        print(" ".join(str(w.pid) for w in feeder.stats().workers), flush=True)
+        time.sleep(120)
+        """,
+        start_method,
+    )
+    try:
+        processes = [psutil.Process(int(pid)) for pid in consumer.stdout.readline().split()]
+        assert len(processes) == 2
+        consumer.kill()
+        consumer.wait(10)
+        _, alive = psutil.wait_procs(processes, timeout=15)
+        assert not alive
     finally:
         consumer.kill()
         consumer.wait()

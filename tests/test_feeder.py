@@ -170,6 +170,35 @@ def test_seeds_are_distinct_per_shard_and_epoch_and_reproducible():
     assert len(set(rngs.values())) == 4, "default_rng(shard.seed) differs per shard and epoch"
 
 
+def test_workers_import_the_source_module_each_on_its_own(start_method):
+    """Nothing a module creates at import (a random generator, an open file) is shared between workers."""
+    with mpfeed.Feeder(sources.import_time_draws, workers=4, start_method=start_method) as feeder:
+        draws = list(feeder)
+    assert len(set(draws)) == 4
+
+
+def test_records_too_big_for_their_slot_still_count_against_the_ring():
+    """While the consumer waits for a slow worker, a fast one's oversized records must not pile up."""
+    depth = 2
+    with mpfeed.Feeder(sources.small_then_large, args=(60, 1 << 20, 0), workers=2, depth=depth) as feeder:
+        iterator = iter(feeder)
+        next(iterator)  # waits about two seconds for worker 0, while worker 1 produces
+        queued = feeder.stats().workers[1].queued
+        # At most a ring's worth, plus the first record (it sized the ring and holds no slot).
+        assert queued <= depth + 1, f"{queued} records of worker 1 queued in the consumer"
+        rest = list(iterator)
+        assert [int(x[0]) for x, _ in rest] == [i % 251 for i in range(1, 60)]
+        assert feeder.stats().overflow > 0
+
+
+def test_a_source_that_cannot_take_shard_is_refused_before_any_worker_starts():
+    with pytest.raises(
+        TypeError, match=r"calls source\(\*args, shard=Shard, \*\*kwargs\).*no_shard_parameter"
+    ):
+        mpfeed.Feeder(sources.no_shard_parameter, args=(3,), workers=1)
+    assert not psutil.Process().children()
+
+
 def test_stats_count_what_was_delivered():
     with mpfeed.Feeder(sources.pairs, args=(30,), workers=3) as feeder:
         for _ in feeder:

@@ -160,6 +160,13 @@ def test_workers_never_import_tensorflow_even_when_the_main_script_does(tmp_path
 
 
             DENSE = layers.Dense(4, activation="relu")
+            print("TensorFlow", tf.__version__)
+            GPUS = tf.config.list_physical_devices("GPU")
+            for gpu in GPUS:
+                tf.config.experimental.set_memory_growth(gpu, True)
+            REPLICAS = max(1, len(GPUS))
+            with tf.device("/cpu:0"):
+                SCALE = tf.constant(2.0)
 
             def source(shard):
                 module = sys.modules.get("tensorflow")
