@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from . import protocol
+from . import protocol, spawn
 from .errors import ClosedError, ShmSpaceError, WorkerError, WorkerTimeoutError
 from .layout import Decoder, align
 from .supervisor import Supervisor, WorkerConfig, WorkerHandle
@@ -159,6 +159,11 @@ class Feeder:
         start_method: str | None = None,
         timeout: float | None = None,
     ) -> None:
+        if spawn.importing_main:
+            raise RuntimeError(
+                "a Feeder was created while a worker imported your main script: workers import it to find "
+                'the source, so put the code that creates the feeder under `if __name__ == "__main__":`'
+            )
         if not callable(source):
             raise TypeError(f"source must be callable (a generator function), got {type(source).__name__}")
         _check_call(source, args, kwargs)

@@ -30,6 +30,7 @@ _CHILD_PROGRAM = (
     "from mpfeed.spawn import child_main; child_main(int(sys.argv[1]))"
 )
 GUARDED_MODULES = ("tensorflow", "keras", "tf_keras")
+importing_main = False  # true in a worker while it imports the user's main script
 
 
 def pickle_work(source: Any, args: tuple, kwargs: dict) -> bytes:
@@ -193,9 +194,14 @@ def start_worker(connection: Connection, bootstrap: dict, work: bytes, config: d
     Each worker does this itself, so nothing the user's modules create at import is shared."""
     from . import worker
 
+    global importing_main
     try:
         if "main_name" in bootstrap or "main_path" in bootstrap:
-            _import_main(bootstrap)
+            importing_main = True
+            try:
+                _import_main(bootstrap)
+            finally:
+                importing_main = False
         source, args, kwargs = pickle.loads(work)
     except BaseException as error:
         worker.report_failure(connection, "start", error, element=None, epoch=0)

@@ -408,3 +408,33 @@ def test_a_main_script_that_cannot_be_imported_in_a_worker_is_reported(tmp_path,
     assert "could not start: RuntimeError: this script refuses to be imported by a worker" in result.stdout, (
         result.stdout + result.stderr[-2000:]
     )
+
+
+def test_a_script_without_the_main_guard_gets_told_to_add_it(tmp_path, start_method):
+    script = tmp_path / "noguard.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import mpfeed
+
+            def source(shard):
+                yield 1
+
+            feeder = mpfeed.Feeder(source, workers=1, start_method={start_method!r})
+            try:
+                print(list(feeder))
+            except mpfeed.WorkerError as error:
+                print(str(error).splitlines()[0])
+            feeder.close()
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert (
+        "could not start: RuntimeError: a Feeder was created while a worker imported your main"
+        in result.stdout
+    )
+    assert 'under `if __name__ == "__main__":`' in result.stdout
