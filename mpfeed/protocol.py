@@ -21,7 +21,9 @@ Consumer to worker:
 
 from __future__ import annotations
 
+import select
 import struct
+from multiprocessing.connection import Connection
 
 FILLED, INLINE, END, ATTACHED, FAILED = b"F", b"I", b"E", b"A", b"X"
 CREDIT, RING, EPOCH, STOP = b"C", b"R", b"N", b"S"
@@ -78,3 +80,16 @@ def epoch(number: int) -> bytes:
 def read_u32(message: bytes) -> int:
     """The number after the tag of an EPOCH message."""
     return _U32.unpack_from(message, 1)[0]
+
+
+class Readable:
+    """Whether a connection has something to read, waiting up to ``timeout`` seconds. One persistent poll
+    object per connection: `Connection.poll` builds a new selector on every call, which cost more than
+    the rest of handling a small message."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._poll = select.poll()
+        self._poll.register(connection.fileno(), select.POLLIN)
+
+    def __call__(self, timeout: float = 0.0) -> bool:
+        return bool(self._poll.poll(max(0, int(timeout * 1000 + 0.999))))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import subprocess
 import time
 from collections import deque
@@ -46,6 +47,9 @@ class WorkerHandle:
     held: int = 0  # slots whose views the user still holds
     credits: list = field(default_factory=list)  # freed slots not yet sent back
 
+    def __post_init__(self) -> None:
+        self.readable = protocol.Readable(self.connection)
+
     @property
     def pid(self) -> int:
         return self.process.pid
@@ -78,6 +82,8 @@ class Supervisor:
         self.closed = False
         self.handles: list[WorkerHandle] = []
         self.server: ForkServer | None = None
+        self._poller: select.poll | None = None
+        self._polled: dict[int, Any] = {}
         work = spawn.pickle_work(source, args, kwargs)
         main_spec = spawn.main_module_spec(work)
         rings: list[Ring | None] = [None] * config.workers
@@ -169,21 +175,36 @@ class Supervisor:
 
     def wait(self, extra: list, timeout: float | None) -> list:
         """Wait until a worker says something (or dies) or an ``extra`` object is ready; read every worker
-        that spoke into its inbox. Returns what was ready: workers' connections and ``extra`` objects."""
-        connections = {handle.connection: handle for handle in self.handles if not handle.gone}
-        ready = wait([*connections, *extra], timeout)
+        that spoke into its inbox. Returns what was ready: workers' handles and ``extra`` objects."""
+        if self._poller is None:
+            # One poll object for the feeder's life: building a selector per wait cost more than the wait.
+            self._poller = select.poll()
+            self._polled = {}
+            for item in [*(h for h in self.handles if not h.gone), *extra]:
+                fd = item.connection.fileno() if isinstance(item, WorkerHandle) else item.fileno()
+                self._poller.register(fd, select.POLLIN)
+                self._polled[fd] = item
+        milliseconds = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        ready = [self._polled[fd] for fd, _ in self._poller.poll(milliseconds)]
         for item in ready:
-            handle = connections.get(item)
-            if handle is not None:
-                self.read(handle)
+            if isinstance(item, WorkerHandle):
+                self.read(item)
         return ready
+
+    def _forget(self, handle: WorkerHandle) -> None:
+        """The worker failed or exited: stop polling its pipe (a closed pipe is always readable)."""
+        handle.gone = True
+        if self._poller is not None:
+            fd = handle.connection.fileno()
+            if self._polled.pop(fd, None) is not None:
+                self._poller.unregister(fd)
 
     def read(self, handle: WorkerHandle) -> None:
         """Take every message waiting in a worker's pipe; queue its failure or exit when that comes."""
         connection = handle.connection
         while not handle.gone:
             try:
-                if not connection.poll(0):
+                if not handle.readable():
                     return
                 message = connection.recv_bytes()
             except (EOFError, OSError):
@@ -194,7 +215,7 @@ class Supervisor:
     def mark_exited(self, handle: WorkerHandle) -> None:
         """The worker's process ended (its pipe closed, or it is seen dead): queue that, once."""
         if not handle.gone:
-            handle.gone = True
+            self._forget(handle)
             try:
                 exitcode = handle.process.wait(_EXIT_STATUS_WAIT_S)
             except subprocess.TimeoutExpired:
@@ -228,7 +249,7 @@ class Supervisor:
             if handle.ring is not None:
                 handle.ring.unlink()
         elif tag == protocol.FAILED:
-            handle.gone = True
+            self._forget(handle)
             handle.inbox.append(self._failure(handle, pickle.loads(message[1:])))
 
     def _create_ring(self, handle: WorkerHandle, record_bytes: int) -> None:

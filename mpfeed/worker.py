@@ -105,6 +105,7 @@ def report_failure(
 class _Worker:
     def __init__(self, connection: Connection, source: Any, args: tuple, kwargs: dict, config: dict) -> None:
         self.connection = connection
+        self.readable = protocol.Readable(connection)
         self.source = source
         self.args = args
         self.kwargs = kwargs
@@ -221,9 +222,9 @@ class _Worker:
 
         Raises `_Restart` or `_Stop` when the consumer asks for that."""
         connection = self.connection
-        if block and not connection.poll(_CONTROL_POLL_S):
+        if block and not self.readable(_CONTROL_POLL_S):
             return
-        while connection.poll(0):
+        while self.readable():
             message = connection.recv_bytes()
             tag = message[:1]
             if tag == protocol.CREDIT:
