@@ -226,22 +226,14 @@ class Supervisor:
         tag = message[:1]
         if tag == protocol.FILLED:
             _, epoch, produced = protocol.read_filled(message)
-            if epoch == self.epoch:
-                handle.inbox.append(message)
-                handle.produced = produced
-            else:
-                self.release(handle, message)
+            self._queue_record(handle, message, epoch, produced)
         elif tag == protocol.INLINE:
             if handle.ring is None:
                 self._create_ring(handle, len(message) - protocol.INLINE_HEADER)
             else:
                 self.overflow += 1
             epoch, produced, _ = protocol.read_inline(message)
-            if epoch == self.epoch:
-                handle.inbox.append(message)
-                handle.produced = produced
-            else:
-                self.release(handle, message)
+            self._queue_record(handle, message, epoch, produced)
         elif tag == protocol.END:
             if protocol.read_end(message)[0] == self.epoch:
                 handle.inbox.append(message)
@@ -251,6 +243,14 @@ class Supervisor:
         elif tag == protocol.FAILED:
             self._forget(handle)
             handle.inbox.append(self._failure(handle, pickle.loads(message[1:])))
+
+    def _queue_record(self, handle: WorkerHandle, message: bytes, epoch: int, produced: int) -> None:
+        """Queue a record of the current epoch; give back the slot of one from an abandoned epoch."""
+        if epoch == self.epoch:
+            handle.inbox.append(message)
+            handle.produced = produced
+        else:
+            self.release(handle, message)
 
     def _create_ring(self, handle: WorkerHandle, record_bytes: int) -> None:
         slot_bytes = slot_size_for(record_bytes)
