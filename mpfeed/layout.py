@@ -145,11 +145,16 @@ class Encoder:
         treedef, descriptions = key
         self._key = key
         self._kinds = tuple(kind for kind, _, _ in descriptions)
-        self._dtypes = tuple(
-            np.dtype(dtype) if kind in (ARRAY, NPSCALAR) else _PY_SCALAR_DTYPES.get(kind)
-            for kind, dtype, _ in descriptions
-        )
+        self._dtypes = _dtypes_of(descriptions)
         self._spec = pickle.dumps(key, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _dtypes_of(descriptions: tuple) -> tuple[np.dtype | None, ...]:
+    """The numpy dtype each leaf travels as (None for bytes and str)."""
+    return tuple(
+        np.dtype(dtype) if kind in (ARRAY, NPSCALAR) else _PY_SCALAR_DTYPES.get(kind)
+        for kind, dtype, _ in descriptions
+    )
 
 
 def _describe_change(before: tuple, after: tuple) -> str:
@@ -274,7 +279,6 @@ class _Spec:
     kinds: tuple[int, ...]
     dtypes: tuple[np.dtype | None, ...]
     ndims: tuple[int, ...]
-    all_arrays: bool
 
 
 class Decoder:
@@ -356,12 +360,8 @@ class Decoder:
         if spec is None:
             treedef, descriptions = pickle.loads(spec_bytes)
             kinds = tuple(kind for kind, _, _ in descriptions)
-            dtypes = tuple(
-                np.dtype(dtype) if kind in (ARRAY, NPSCALAR) else _PY_SCALAR_DTYPES.get(kind)
-                for kind, dtype, _ in descriptions
-            )
             ndims = tuple(ndim for _, _, ndim in descriptions)
-            spec = _Spec(treedef, kinds, dtypes, ndims, all(kind == ARRAY for kind in kinds))
+            spec = _Spec(treedef, kinds, _dtypes_of(descriptions), ndims)
             if len(self._specs) >= self._MAX_SPECS:
                 self._specs.clear()
             self._specs[spec_bytes] = spec

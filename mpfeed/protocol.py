@@ -77,7 +77,7 @@ def epoch(number: int) -> bytes:
     return EPOCH + _U32.pack(number)
 
 
-def read_u32(message: bytes) -> int:
+def read_epoch(message: bytes) -> int:
     """The number after the tag of an EPOCH message."""
     return _U32.unpack_from(message, 1)[0]
 

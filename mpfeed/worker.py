@@ -230,7 +230,7 @@ class _Worker:
             if tag == protocol.CREDIT:
                 self.free.extend(protocol.read_credit(message))
             elif tag == protocol.EPOCH:
-                raise _Restart(protocol.read_u32(message))
+                raise _Restart(protocol.read_epoch(message))
             elif tag == protocol.RING:
                 self._attach(*pickle.loads(message[1:]))
             elif tag == protocol.STOP:
