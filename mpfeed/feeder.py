@@ -307,6 +307,11 @@ class Feeder:
             self._start_epoch(self._epoch + 1)
         if not self._peeked:
             self._peeked.append(self._next_element())
+        if self._peeked[-1] is _EPOCH_END:
+            raise ValueError(
+                "the source produced no elements, so there is nothing to infer a signature from: "
+                "pass output_signature"
+            )
         return self._peeked[-1]
 
     # -- the consumer's loop -------------------------------------------------------------------------

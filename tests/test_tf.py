@@ -106,6 +106,15 @@ def test_small_elements_travel_in_chunks_and_arrive_in_order(chunk_size):
                 np.testing.assert_array_equal(array.numpy(), np.arange(i, i + 64).reshape(8, 8))
 
 
+def test_an_empty_source_needs_an_explicit_signature():
+    spec = (tf.TensorSpec((8, 8), tf.int64), tf.TensorSpec((), tf.int64))
+    with mpfeed.Feeder(sources.pairs, args=(0,), workers=2) as feeder:
+        with pytest.raises(ValueError, match="produced no elements.*pass output_signature"):
+            feeder.dataset()
+        assert list(feeder.dataset(spec)) == []
+        assert list(feeder) == []
+
+
 def test_chunks_need_fixed_shapes():
     spec = (tf.TensorSpec((None, 8), tf.int64), tf.TensorSpec((), tf.int64))
     with mpfeed.Feeder(sources.pairs, args=(4,), workers=1) as feeder:
