@@ -1,8 +1,8 @@
 """Start, watch and stop the worker processes; own their rings; turn their failures into errors.
 
 The supervisor is the mechanism under `Feeder`: it knows processes, pipes and segments, never arrays.
-One `multiprocessing.connection.wait` covers every worker's pipe and the consumer's wake-up socket; a
-worker that dies closes its pipe, so its death wakes that wait at once.
+One poll object covers every worker's pipe and the consumer's wake-up socket; a worker that dies closes
+its pipe, so its death wakes that wait at once.
 """
 
 from __future__ import annotations

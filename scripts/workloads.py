@@ -1,10 +1,10 @@
 """The workloads of BENCH.md, shared by every contender.
 
 Each workload has a plain per-item function, ``item(i) -> element``, for the contenders that call the
-work themselves (`from_generator`, threads, `tf-map`, pools), and a module-level generator function with
-mpfeed's source signature, ``source(n, shard)``, that yields this shard's items ``i = index, index +
-count, ...`` below ``n``. Everything here is picklable and imports neither TensorFlow nor Keras, so
-worker processes of any kind stay light.
+work themselves (`from_generator`, threads, `tf-map`, pools), and ``Workload.source``, mpfeed's source
+``source(n, shard)`` (`shard_items` bound to the item function), that yields this shard's items
+``i = index, index + count, ...`` below ``n``. Everything here is picklable and imports neither
+TensorFlow nor Keras, so worker processes of any kind stay light.
 """
 
 from __future__ import annotations
@@ -108,32 +108,14 @@ def tiny_item(i: int) -> tuple[np.ndarray, np.int64]:
     return np.full(TINY_VALUES, i, dtype=np.float32), np.int64(i)
 
 
-# -- mpfeed sources: this shard's items, in the signature mpfeed calls ---------------------------------
+# -- the mpfeed source: this shard's items, in the signature mpfeed calls ---------------------------------
 
 
-def io_source(n: int, shard: Any) -> Iterator[Any]:
+def shard_items(item: Callable[[int], Any], n: int, shard: Any) -> Iterator[Any]:
+    """Items ``shard.index, shard.index + shard.count, ...`` below ``n``: strided sharding, so mpfeed's
+    ordered round-robin gives them in source order."""
     for i in range(shard.index, n, shard.count):
-        yield io_item(i)
-
-
-def decode_source(n: int, shard: Any) -> Iterator[Any]:
-    for i in range(shard.index, n, shard.count):
-        yield decode_item(i)
-
-
-def python_source(n: int, shard: Any) -> Iterator[Any]:
-    for i in range(shard.index, n, shard.count):
-        yield python_item(i)
-
-
-def transfer_source(n: int, shard: Any) -> Iterator[Any]:
-    for i in range(shard.index, n, shard.count):
-        yield transfer_item(i)
-
-
-def tiny_source(n: int, shard: Any) -> Iterator[Any]:
-    for i in range(shard.index, n, shard.count):
-        yield tiny_item(i)
+        yield item(i)
 
 
 # -- the table of workloads ------------------------------------------------------------------------------
@@ -143,7 +125,6 @@ def tiny_source(n: int, shard: Any) -> Iterator[Any]:
 class Workload:
     name: str
     item: Callable[[int], Any]
-    source: Callable[..., Iterator[Any]]
     batch_size: int | None
     """Elements per batch: worker-side in mpfeed, ``.batch()`` elsewhere; None for single elements."""
     limit: str
@@ -151,18 +132,21 @@ class Workload:
     ``memcpy`` or ``ceiling`` (from_generator over an in-memory list)."""
     what: str
 
+    @property
+    def source(self) -> Callable[..., Iterator[Any]]:
+        """The mpfeed source, ``source(n, shard=...)``; picklable, as workers need."""
+        return functools.partial(shard_items, self.item)
+
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in [
-        Workload("io", io_item, io_source, None, "ideal-io", "sleeps 10 ms per element"),
-        Workload("decode", decode_item, decode_source, None, "ideal-cpu", "JPEG 500x375 -> 224x224"),
-        Workload("python", python_item, python_source, None, "ideal-cpu", "~5 ms of GIL-holding Python"),
-        Workload("transfer", transfer_item, transfer_source, None, "memcpy", "one 8 MiB float32 array"),
-        Workload("tiny", tiny_item, tiny_source, None, "ceiling", "10 float32 + label, no work"),
-        Workload(
-            "decode-batched", decode_item, decode_source, DECODE_BATCH, "ideal-cpu", "decode, batches of 64"
-        ),
+        Workload("io", io_item, None, "ideal-io", "sleeps 10 ms per element"),
+        Workload("decode", decode_item, None, "ideal-cpu", "JPEG 500x375 -> 224x224"),
+        Workload("python", python_item, None, "ideal-cpu", "~5 ms of GIL-holding Python"),
+        Workload("transfer", transfer_item, None, "memcpy", "one 8 MiB float32 array"),
+        Workload("tiny", tiny_item, None, "ceiling", "10 float32 + label, no work"),
+        Workload("decode-batched", decode_item, DECODE_BATCH, "ideal-cpu", "decode, batches of 64"),
     ]
 }
 
