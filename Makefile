@@ -4,8 +4,9 @@ TF ?= tensorflow-cpu
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PEERS := $(VENV)/.peers
 
-.PHONY: install test lint bench bench-quick scale clean
+.PHONY: install test lint bench bench-quick bench-peers scale clean
 
 install: $(STAMP)
 
@@ -27,6 +28,15 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python scripts/bench.py --quick
+
+# The optional peers of BENCH.md (PyTorch's DataLoader, Grain), which make bench then runs too. Ends by
+# importing TensorFlow beside them, so a dependency that breaks it fails here, not in the middle of a run.
+bench-peers: $(PEERS)
+
+$(PEERS): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[peers]'
+	$(BIN)/python -c "import tensorflow as tf, torch, grain; tf.constant(torch.ones(2).numpy()); print('tensorflow', tf.__version__, 'torch', torch.__version__, 'grain ok')"
+	touch $(PEERS)
 
 scale: $(STAMP)
 	$(BIN)/python scripts/scale.py
