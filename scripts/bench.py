@@ -7,12 +7,14 @@ elements that arrive after a warm-up, over a fixed time). Repetitions are interl
 runs every row once, in an order rotated between repetitions, and the report gives the median with the
 min-max spread.
 
-    python scripts/bench.py                      # full run, ~6 minutes on 2 cores
-    python scripts/bench.py --quick              # smoke run, ~1.5 minutes
+    python scripts/bench.py                      # full run, ~6 minutes on 2 cores (~8 with the peers)
+    python scripts/bench.py --quick              # smoke run, ~1.5 minutes (~4 with the peers)
     python scripts/bench.py --workloads io,tiny --contenders from_generator,mpfeed --reps 5
 
-`mp-pool` and `keras-pydataset` start their processes the way their users get them by default
-(multiprocessing's default start method: fork on Linux with Python < 3.14).
+The optional peers `torch-dataloader` and `grain` run when their packages are installed (`make
+bench-peers`). `mp-pool`, `keras-pydataset` and `torch-dataloader` start their processes the way their
+users get them by default (multiprocessing's default start method: fork on Linux with Python < 3.14);
+Grain always spawns its workers.
 
 Output: progress on stderr, a table on stdout, JSON and a PNG plot under ``bench-results/``.
 """
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,33 +295,58 @@ def to_numpy(nest: Any) -> Any:
 
 
 def torch_dataloader(workload: Workload, workers: int) -> Pipeline:
+    """``torch.utils.data.DataLoader(num_workers=N)`` over the items, under `from_generator`. One item per
+    index (``batch_size=None``; the workload's batches where it batches), ``prefetch_factor`` items in
+    flight per worker, and the default conversion to tensors, which come back through torch's shared
+    memory and leave as numpy arrays."""
     import torch.utils.data
 
-    loader = torch.utils.data.DataLoader(
-        IndexedItems(workload.name), batch_size=None, num_workers=workers, prefetch_factor=POOL_IN_FLIGHT
+    with warnings.catch_warnings():  # forked workers inherit these filters
+        # more workers than cores is the point of `io`; the workloads' arrays are read-only on purpose
+        warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        loader = torch.utils.data.DataLoader(
+            IndexedItems(workload.name), batch_size=None, num_workers=workers, prefetch_factor=POOL_IN_FLIGHT
+        )
+        held = [iter(loader)]  # starts the workers
+
+    def close() -> None:
+        """Stop and join the workers, as the iterator's own finalizer would at garbage collection, and drop
+        the iterator, which `from_generator` would otherwise keep alive."""
+        held.pop()._shutdown_workers()
+
+    dataset = tf.data.Dataset.from_generator(
+        lambda: map(to_numpy, held[0]), output_signature=batched_signature(workload)
     )
-    iterator = iter(loader)
-    pipeline = Pipeline(
-        tf.data.Dataset.from_generator(
-            lambda: map(to_numpy, iterator), output_signature=batched_signature(workload)
-        ),
-        batched=workload.batch_size is not None,
-    )
-    pipeline.close = lambda: iterator._shutdown_workers()
-    return pipeline
+    return Pipeline(dataset, batched=workload.batch_size is not None, close=close)
 
 
 def grain_loader(workload: Workload, workers: int) -> Pipeline:
+    """Grain's ``MapDataset.source(items).to_iter_dataset().mp_prefetch(N workers)``, under
+    `from_generator`. Each worker process makes one element at a time (``ReadOptions(num_threads=0)``; by
+    default each would run 16 reading threads, which would make it a thread pool, not the N workers
+    BENCH.md compares) and keeps ``per_worker_buffer_size`` elements ready, the same depth as the others.
+    Grain always spawns its workers, and a spawned worker imports the main script again: here TensorFlow
+    and Keras too, as in a training script, which its time to the first element shows."""
     import grain
 
     dataset = (
         grain.MapDataset.source(IndexedItems(workload.name))
-        .to_iter_dataset()
-        .mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        .to_iter_dataset(grain.ReadOptions(num_threads=0))
+        .mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=POOL_IN_FLIGHT))
     )
+    held = [iter(dataset)]
+
+    def close() -> None:
+        """Stop and join the worker processes, then drop the iterator, which `from_generator` would
+        otherwise keep alive: its queues' and events' named semaphores (spawn's) leave /dev/shm only when
+        they are garbage-collected."""
+        held.pop().close()
+
     return Pipeline(
-        tf.data.Dataset.from_generator(lambda: iter(dataset), output_signature=batched_signature(workload)),
+        tf.data.Dataset.from_generator(lambda: held[0], output_signature=batched_signature(workload)),
         batched=workload.batch_size is not None,
+        close=close,
     )
 
 
@@ -343,6 +371,11 @@ class Contender:
     name: str
     build: Callable[[Workload, int], Pipeline]
     workloads: tuple[str, ...] | None = None  # None: every workload
+    batch_size: int | None = None  # items a worker makes at a time, when not the workload's batch_size
+
+    def round_items(self, workload: Workload, workers: int) -> int:
+        """Items in one delivery of every worker: what `measure` counts its warm-up and window in."""
+        return workers * (self.batch_size or workload.batch_size or 1)
 
 
 CONTENDERS = [
@@ -353,7 +386,7 @@ CONTENDERS = [
     Contender("mp-pool", mp_pool),
     Contender("mpfeed", mpfeed_dataset),
     Contender("mpfeed-direct", mpfeed_direct),
-    Contender("mpfeed-b256", mpfeed_b256, workloads=("tiny",)),
+    Contender("mpfeed-b256", mpfeed_b256, workloads=("tiny",), batch_size=256),
 ]
 PEERS = [Contender("torch-dataloader", torch_dataloader), Contender("grain", grain_loader)]
 PEER_MODULES = {"torch-dataloader": "torch", "grain": "grain"}
@@ -409,27 +442,42 @@ LIMIT_ROWS = {"ideal", "one-core", "memcpy", "from_generator-ceiling"}
 
 @dataclass
 class Timing:
-    duration_s: float  # steady-state window
-    warmup_s: float  # after the first element, before the window opens
+    duration_s: float  # steady-state window, at least
+    warmup_s: float  # after the first element, before the window opens, at least
+    warmup_rounds: int = 2  # the warm-up also lasts this many rounds (see measure)
+    window_rounds: int = 4  # and the window this many
+    rounds_cap_s: float = 30.0  # rounds stretch a warm-up or a window at most this long
 
 
-def measure(build: Callable[[], Pipeline], timing: Timing) -> dict:
-    """Start-up, time to first element and steady-state rate of one pipeline."""
+def measure(build: Callable[[], Pipeline], timing: Timing, round_items: int = 0) -> dict:
+    """Start-up, time to first element and steady-state rate of one pipeline.
+
+    ``round_items`` is one round: every worker delivering once (workers x the items one worker makes at a
+    time: 1, or its batch). The warm-up lasts ``timing.warmup_s`` and ``timing.warmup_rounds`` rounds after
+    the first element, so that the window opens only once every worker has started and delivered (a
+    worker may take seconds to start, while the first element comes from the fastest); the window lasts
+    ``timing.duration_s`` and ``timing.window_rounds`` rounds, so that it spans several of each worker's
+    batches however long one worker needs for a batch. Rounds stretch neither beyond
+    ``timing.rounds_cap_s``."""
     started = time.perf_counter()
     pipeline = build()
     built = time.perf_counter()
+
+    def over(elapsed: float, items: int, seconds: float, rounds: int) -> bool:
+        return elapsed >= seconds and (items >= rounds * round_items or elapsed >= timing.rounds_cap_s)
+
     try:
         iterator = iter(pipeline.elements)
-        count = touch(next(iterator), pipeline.batched)
+        count = first_count = touch(next(iterator), pipeline.batched)
         first = now = time.perf_counter()
         window_start, window_count = None, 0
         for element in iterator:
             count += touch(element, pipeline.batched)
             now = time.perf_counter()
             if window_start is None:
-                if now - first >= timing.warmup_s:
+                if over(now - first, count - first_count, timing.warmup_s, timing.warmup_rounds):
                     window_start, window_count = now, count
-            elif now - window_start >= timing.duration_s:
+            elif over(now - window_start, count - window_count, timing.duration_s, timing.window_rounds):
                 break
         if window_start is None:
             raise RuntimeError(f"the pipeline ended after {count} elements, before the warm-up was over")
@@ -482,7 +530,12 @@ class Plan:
         """Every measurement one repetition makes for ``workload``: (row name, thunk)."""
         workers = self.workers[workload.name]
         rows = [
-            (c.name, lambda c=c: measure(lambda: c.build(workload, workers), self.timing))
+            (
+                c.name,
+                lambda c=c: measure(
+                    lambda: c.build(workload, workers), self.timing, c.round_items(workload, workers)
+                ),
+            )
             for c in self.contenders
             if c.workloads is None or workload.name in c.workloads
         ]
