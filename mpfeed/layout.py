@@ -15,9 +15,11 @@ processes or shared memory.
 
 from __future__ import annotations
 
+import functools
+import operator
 import pickle
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,20 +43,31 @@ def align(n: int) -> int:
 
 def flatten(element: Any) -> tuple[Treedef, list]:
     """Split an element into its structure and its leaves (depth first, dict keys in insertion order)."""
+    if not isinstance(element, _NESTS):
+        return None, [element]
     leaves: list = []
     return _flatten(element, leaves), leaves
 
 
-def _flatten(node: Any, leaves: list) -> Treedef:
-    if isinstance(node, tuple):
-        return ("t", tuple(_flatten(child, leaves) for child in node))
-    if isinstance(node, list):
-        return ("l", tuple(_flatten(child, leaves) for child in node))
+_NESTS = (tuple, list, dict)
+
+
+def _flatten(node: tuple | list | dict, leaves: list) -> Treedef:
     if isinstance(node, dict):
         keys = tuple(node)
-        return ("d", keys, tuple(_flatten(node[key], leaves) for key in keys))
-    leaves.append(node)
-    return None
+        return ("d", keys, _flatten_children([node[key] for key in keys], leaves))
+    return ("t" if isinstance(node, tuple) else "l", _flatten_children(node, leaves))
+
+
+def _flatten_children(children: Any, leaves: list) -> tuple:
+    treedefs = []
+    for child in children:  # leaves inline: a call per leaf would cost more than the rest
+        if isinstance(child, _NESTS):
+            treedefs.append(_flatten(child, leaves))
+        else:
+            leaves.append(child)
+            treedefs.append(None)
+    return tuple(treedefs)
 
 
 def unflatten(treedef: Treedef, leaves: list) -> Any:
@@ -112,25 +125,46 @@ def describe_leaf(leaf: Any) -> tuple[int, str, int]:
 class Encoder:
     """Worker side: checks elements against the first one of the stream and writes them as records."""
 
+    _MAX_PLANS = 64
+
     def __init__(self) -> None:
         self._key: tuple | None = None
+        self._treedef: Treedef = None
         self._spec = b""
         self._kinds: tuple[int, ...] = ()
         self._dtypes: tuple[np.dtype | None, ...] = ()
+        self._ndims: tuple[int, ...] = ()
+        self._types: tuple[type, ...] = ()
+        self._plans: dict[tuple, _Plan] = {}
 
     def prepare(self, items: list[tuple[Treedef, list]], seq: int, batched: bool) -> Record:
         """Check a single element (or the elements of one batch) and plan its record."""
-        treedef, leaves = items[0]
-        key = (treedef, tuple(self._describe(treedef, leaves)))
-        if key != self._key:
-            if self._key is not None:
-                raise ValueError(_describe_change(self._key, key))
-            self._adopt(key)
-        for other_treedef, other_leaves in items[1:]:
-            other = (other_treedef, tuple(self._describe(other_treedef, other_leaves)))
-            if other != key:
-                raise ValueError(_describe_change(key, other))
+        for treedef, leaves in items:
+            if self._key is None or treedef != self._treedef or not self._conforms(leaves):
+                self._check(treedef, leaves)
         return Record(self, items, seq, batched)
+
+    def _conforms(self, leaves: list) -> bool:
+        """The fast check: each leaf has the exact type of the first element's (and, for numpy leaves, its
+        dtype and rank). False sends the element through `_check`, which names what changed."""
+        expected = zip(self._kinds, self._types, self._dtypes, self._ndims)
+        for leaf, (kind, leaf_type, dtype, ndim) in zip(leaves, expected):
+            if type(leaf) is not leaf_type:
+                return False
+            if kind == ARRAY:
+                if leaf.ndim != ndim or (leaf.dtype is not dtype and leaf.dtype != dtype):
+                    return False
+            elif kind == NPSCALAR and leaf.dtype is not dtype and leaf.dtype != dtype:
+                return False
+        return True
+
+    def _check(self, treedef: Treedef, leaves: list) -> None:
+        """Describe every leaf: adopt the first element's description, refuse any change after it."""
+        key = (treedef, tuple(self._describe(treedef, leaves)))
+        if self._key is None:
+            self._adopt(key, leaves)
+        elif key != self._key:
+            raise ValueError(_describe_change(self._key, key))
 
     def _describe(self, treedef: Treedef, leaves: list) -> list[tuple[int, str, int]]:
         descriptions = []
@@ -141,12 +175,25 @@ class Encoder:
                 raise TypeError(f"{leaf_paths(treedef)[index]} {error}") from None
         return descriptions
 
-    def _adopt(self, key: tuple) -> None:
+    def _adopt(self, key: tuple, leaves: list) -> None:
         treedef, descriptions = key
         self._key = key
+        self._treedef = treedef
         self._kinds = tuple(kind for kind, _, _ in descriptions)
         self._dtypes = _dtypes_of(descriptions)
+        self._ndims = tuple(ndim for _, _, ndim in descriptions)
+        self._types = tuple(type(leaf) for leaf in leaves)
         self._spec = pickle.dumps(key, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def plan(self, dims: tuple[int, ...], count: int) -> _Plan:
+        """Where each leaf goes in a record with these dims (cached: a stream's shapes rarely vary)."""
+        key = (count, dims)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= self._MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[key] = _Plan.of(self, dims, count)
+        return plan
 
 
 def _dtypes_of(descriptions: tuple) -> tuple[np.dtype | None, ...]:
@@ -192,25 +239,98 @@ def _leaf_words(kind: int, dtype: str, ndim: int) -> str:
     return names[kind]
 
 
+class _Plan:
+    """The layout of a record, fixed by its dims: the bytes after the header, each leaf's offset, sizes."""
+
+    __slots__ = ("prefix", "offsets", "nbytes", "payload_bytes")
+
+    def __init__(self, prefix: bytes, offsets: tuple[int, ...], nbytes: int, payload_bytes: int) -> None:
+        self.prefix = prefix
+        self.offsets = offsets
+        self.nbytes = nbytes
+        self.payload_bytes = payload_bytes
+
+    @classmethod
+    def of(cls, encoder: Encoder, dims: tuple[int, ...], count: int) -> _Plan:
+        rows = max(count, 1)
+        d = 0
+        sizes = []
+        for kind, dtype, ndim in zip(encoder._kinds, encoder._dtypes, encoder._ndims):
+            d += count > 0  # a batch's dims start with its length, for every leaf
+            if kind == ARRAY:
+                size = dtype.itemsize * rows
+                for extent in dims[d : d + ndim]:
+                    size *= extent
+                d += ndim
+            elif kind in (BYTES, STR):
+                size = dims[d] + 8 * count
+                d += 1
+            else:
+                size = dtype.itemsize * rows
+            sizes.append(size)
+        spec = encoder._spec
+        offsets = []
+        position = align(HEADER.size + len(spec) + 8 * len(dims))
+        for size in sizes:
+            offsets.append(position)
+            position = align(position + size)
+        prefix = spec + struct.pack(f"<{len(dims)}q", *dims)
+        return cls(prefix, tuple(offsets), position, sum(sizes))
+
+
+_SMALL_LEAF_BYTES = 1 << 16  # leaves up to this size are written from `tobytes()`: fewer calls than a view
+_PY_SCALAR_STRUCTS = {INT: struct.Struct("<q"), FLOAT: struct.Struct("<d"), BOOL: struct.Struct("?")}
+
+
 class Record:
     """One element or batch, planned: its size is known before any byte is written."""
 
-    __slots__ = ("_encoder", "_columns", "_dims", "_offsets", "_count", "_seq", "nbytes", "_payload_bytes")
+    __slots__ = ("_encoder", "_values", "_plan", "_count", "_seq", "_n_dims")
 
     def __init__(self, encoder: Encoder, items: list[tuple[Treedef, list]], seq: int, batched: bool) -> None:
         self._encoder = encoder
         self._seq = seq
         self._count = len(items) if batched else 0
-        columns: list = []
+        if batched:
+            dims, self._values = self._columns(encoder, items)
+        else:
+            dims, self._values = self._leaves(encoder, items[0])
+        self._n_dims = len(dims)
+        self._plan = encoder.plan(tuple(dims), self._count)
+
+    @staticmethod
+    def _leaves(encoder: Encoder, item: tuple[Treedef, list]) -> tuple[list[int], list]:
+        """A single element: dims are the arrays' shapes and the byte lengths; scalars are packed now, so a
+        value out of range is the element's fault, reported with its path."""
         dims: list[int] = []
-        sizes: list[int] = []
+        values = list(item[1])
+        for index, kind in enumerate(encoder._kinds):
+            if kind == ARRAY:
+                dims += values[index].shape
+            elif kind == BYTES:
+                dims.append(len(values[index]))
+            elif kind == STR:
+                values[index] = values[index].encode("utf-8")
+                dims.append(len(values[index]))
+            elif kind == NPSCALAR:
+                values[index] = values[index].tobytes()
+            else:
+                try:
+                    values[index] = _PY_SCALAR_STRUCTS[kind].pack(values[index])
+                except (struct.error, OverflowError):
+                    path, value = leaf_paths(item[0])[index], values[index]
+                    raise ValueError(f"{path} is {value!r}, beyond the int64 an int travels as") from None
+        return dims, values
+
+    @staticmethod
+    def _columns(encoder: Encoder, items: list[tuple[Treedef, list]]) -> tuple[list[int], list]:
+        """A batch: one column per leaf; arrays must agree in shape, scalars become one array each."""
+        dims: list[int] = []
+        columns: list = []
+        rows = len(items)
         for index, kind in enumerate(encoder._kinds):
             column = [leaves[index] for _, leaves in items]
-            if kind == STR:
-                column = [text.encode("utf-8") for text in column]
-            columns.append(column)
-            if batched:
-                dims.append(len(column))
+            dims.append(rows)
             if kind == ARRAY:
                 shape = column[0].shape
                 for other in column[1:]:
@@ -219,76 +339,83 @@ class Record:
                         raise ValueError(
                             f"cannot batch {path}: shapes {shape} and {other.shape} differ within one batch"
                         )
-                dims.extend(shape)
-                sizes.append(column[0].nbytes * len(column))
+                dims += shape
             elif kind in (BYTES, STR):
-                payload = sum(len(b) for b in column)
-                dims.append(payload)
-                sizes.append(payload + (8 * len(column) if batched else 0))
+                if kind == STR:
+                    column = [text.encode("utf-8") for text in column]
+                dims.append(sum(len(b) for b in column))
             else:
-                sizes.append(encoder._dtypes[index].itemsize * len(column))
-        offsets = []
-        position = align(HEADER.size + len(encoder._spec) + 8 * len(dims))
-        for size in sizes:
-            offsets.append(position)
-            position = align(position + size)
-        self._columns = columns
-        self._dims = dims
-        self._offsets = offsets
-        self._payload_bytes = sum(sizes)
-        self.nbytes = position
+                try:
+                    column = np.array(column, dtype=encoder._dtypes[index])
+                except OverflowError:
+                    path = leaf_paths(items[0][0])[index]
+                    raise ValueError(f"{path} holds an int beyond the int64 an int travels as") from None
+            columns.append(column)
+        return dims, columns
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the record takes, header and padding included."""
+        return self._plan.nbytes
 
     @property
     def payload_bytes(self) -> int:
         """Bytes of leaf data, without header and padding."""
-        return self._payload_bytes
+        return self._plan.payload_bytes
 
     def write(self, buffer) -> None:
         """Write the record at the start of a writable buffer of at least ``nbytes``."""
         buffer = memoryview(buffer)
-        encoder = self._encoder
-        spec = encoder._spec
-        HEADER.pack_into(buffer, 0, MAGIC, len(spec), len(self._dims), self._count, self._seq, self.nbytes)
-        start = HEADER.size
-        buffer[start : start + len(spec)] = spec
-        struct.pack_into(f"<{len(self._dims)}q", buffer, start + len(spec), *self._dims)
-        batched = self._count > 0
-        for kind, dtype, column, offset in zip(encoder._kinds, encoder._dtypes, self._columns, self._offsets):
-            if kind in (BYTES, STR):
-                if batched:
-                    lengths = [len(b) for b in column]
-                    struct.pack_into(f"<{len(lengths)}q", buffer, offset, *lengths)
-                    offset += 8 * len(lengths)
-                payload = b"".join(column)
-                buffer[offset : offset + len(payload)] = payload
-            elif kind == ARRAY:
-                shape = column[0].shape
-                if batched:
-                    target = np.ndarray((len(column), *shape), dtype, buffer=buffer, offset=offset)
-                    for row, leaf in zip(target, column):
+        encoder, plan, count = self._encoder, self._plan, self._count
+        HEADER.pack_into(buffer, 0, MAGIC, len(encoder._spec), self._n_dims, count, self._seq, plan.nbytes)
+        buffer[HEADER.size : HEADER.size + len(plan.prefix)] = plan.prefix
+        for kind, dtype, value, offset in zip(encoder._kinds, encoder._dtypes, self._values, plan.offsets):
+            if kind == ARRAY:
+                if count:
+                    target = np.ndarray((count, *value[0].shape), dtype, buffer=buffer, offset=offset)
+                    for row, leaf in zip(target, value):
                         row[...] = leaf
+                elif value.nbytes <= _SMALL_LEAF_BYTES:
+                    buffer[offset : offset + value.nbytes] = value.tobytes()
                 else:
-                    np.ndarray(shape, dtype, buffer=buffer, offset=offset)[...] = column[0]
+                    np.ndarray(value.shape, dtype, buffer=buffer, offset=offset)[...] = value
+            elif kind in (BYTES, STR):
+                if count:
+                    lengths = [len(b) for b in value]
+                    struct.pack_into(f"<{count}q", buffer, offset, *lengths)
+                    offset += 8 * count
+                    value = b"".join(value)
+                buffer[offset : offset + len(value)] = value
+            elif count:
+                np.ndarray((count,), dtype, buffer=buffer, offset=offset)[:] = value
             else:
-                np.ndarray((len(column),), dtype, buffer=buffer, offset=offset)[:] = column
+                buffer[offset : offset + len(value)] = value
 
 
-@dataclass(frozen=True)
-class _Spec:
-    treedef: Treedef
-    kinds: tuple[int, ...]
-    dtypes: tuple[np.dtype | None, ...]
-    ndims: tuple[int, ...]
+# How the decoder makes each leaf, planned once per layout.
+_VIEW, _SCALAR, _PY_SCALAR, _TEXT = range(4)
+
+
+class _Reading:
+    """How to read every record with one layout (the bytes of its spec and dims)."""
+
+    __slots__ = ("build", "steps", "views", "payload_bytes")
+
+    def __init__(self, treedef: Treedef, steps: list[tuple], views: bool, payload_bytes: int) -> None:
+        self.build = _builder(treedef)
+        self.steps = steps
+        self.views = views
+        self.payload_bytes = payload_bytes
 
 
 class Decoder:
     """Consumer side: turns a record into an element of read-only numpy views over the record's memory."""
 
-    _MAX_SPECS = 256
+    _MAX_READINGS = 256
 
     def __init__(self) -> None:
-        self._specs: dict[bytes, _Spec] = {}
-        self._dims_structs: dict[int, struct.Struct] = {}
+        self._readings: dict[bytes, _Reading] = {}
+        self._specs: dict[bytes, tuple] = {}
 
     @staticmethod
     def header(base: np.ndarray) -> tuple[int, int, int, int, int, int]:
@@ -304,65 +431,86 @@ class Decoder:
         magic, spec_len, n_dims, count, _seq, _record_len = HEADER.unpack_from(base, 0)
         if magic != MAGIC:
             raise RuntimeError("mpfeed: corrupted record (bad magic); please report this as a bug")
-        spec = self._spec(base[HEADER.size : HEADER.size + spec_len].tobytes())
-        dims_struct = self._dims_structs.get(n_dims)
-        if dims_struct is None:
-            dims_struct = self._dims_structs[n_dims] = struct.Struct(f"<{n_dims}q")
-        dims = dims_struct.unpack_from(base, HEADER.size + spec_len)
-        position = align(HEADER.size + spec_len + 8 * n_dims)
-        batched = count > 0
-        d = 0
+        layout = base[HEADER.size : HEADER.size + spec_len + 8 * n_dims].tobytes()
+        reading = self._readings.get(layout)
+        if reading is None:
+            if len(self._readings) >= self._MAX_READINGS:
+                self._readings.clear()
+            reading = self._readings[layout] = self._plan(layout, spec_len, n_dims, count)
         leaves = []
-        views = False
-        payload_bytes = 0
-        for kind, dtype, ndim in zip(spec.kinds, spec.dtypes, spec.ndims):
-            if kind == ARRAY:
-                rank = ndim + batched
-                shape = dims[d : d + rank]
-                d += rank
-                leaf = np.ndarray(shape, dtype, buffer=base, offset=position)
-                size = leaf.nbytes
-                views = True
-            elif kind in (BYTES, STR):
-                if batched:
-                    size = dims[d + 1]
-                    lengths = struct.unpack_from(f"<{count}q", base, position)
-                    start = position + 8 * count
-                    leaf = np.empty(count, dtype=object)
-                    for i, length in enumerate(lengths):
-                        chunk = base[start : start + length].tobytes()
-                        leaf[i] = chunk.decode("utf-8") if kind == STR else chunk
-                        start += length
-                    d += 2
-                    size += 8 * count
-                else:
-                    size = dims[d]
-                    chunk = base[position : position + size].tobytes()
-                    leaf = chunk.decode("utf-8") if kind == STR else chunk
-                    d += 1
-            elif batched:
-                leaf = np.ndarray((count,), dtype, buffer=base, offset=position)
-                size = leaf.nbytes
-                d += 1
-                views = True
+        for step in reading.steps:
+            how = step[0]
+            if how == _VIEW:
+                leaves.append(np.ndarray(step[1], step[2], buffer=base, offset=step[3]))
+            elif how == _SCALAR:
+                leaves.append(base[step[1] : step[2]].view(step[3])[0])
+            elif how == _PY_SCALAR:
+                leaves.append(base[step[1] : step[2]].view(step[3])[0].item())
             else:
-                size = dtype.itemsize
-                value = np.ndarray((), dtype, buffer=base, offset=position)[()]
-                leaf = value.item() if kind != NPSCALAR else value
-            leaves.append(leaf)
-            payload_bytes += size
-            position = align(position + size)
-        element = leaves[0] if spec.treedef is None else unflatten(spec.treedef, leaves)
-        return element, views, count, payload_bytes
+                leaves.append(_read_text(base, *step[1:]))
+        return reading.build(leaves), reading.views, count, reading.payload_bytes
 
-    def _spec(self, spec_bytes: bytes) -> _Spec:
+    def _plan(self, layout: bytes, spec_len: int, n_dims: int, count: int) -> _Reading:
+        spec_bytes = layout[:spec_len]
         spec = self._specs.get(spec_bytes)
         if spec is None:
             treedef, descriptions = pickle.loads(spec_bytes)
-            kinds = tuple(kind for kind, _, _ in descriptions)
-            ndims = tuple(ndim for _, _, ndim in descriptions)
-            spec = _Spec(treedef, kinds, _dtypes_of(descriptions), ndims)
-            if len(self._specs) >= self._MAX_SPECS:
+            if len(self._specs) >= self._MAX_READINGS:
                 self._specs.clear()
-            self._specs[spec_bytes] = spec
-        return spec
+            spec = self._specs[spec_bytes] = (treedef, descriptions, _dtypes_of(descriptions))
+        treedef, descriptions, dtypes = spec
+        dims = struct.unpack_from(f"<{n_dims}q", layout, spec_len)
+        position = align(HEADER.size + len(layout))
+        batched = count > 0
+        d = 0
+        steps: list[tuple] = []
+        views = False
+        payload_bytes = 0
+        for (kind, _, ndim), dtype in zip(descriptions, dtypes):
+            if kind == ARRAY or (batched and kind not in (BYTES, STR)):
+                rank = ndim + batched
+                shape = dims[d : d + rank]
+                d += rank
+                steps.append((_VIEW, shape, dtype, position))
+                size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                views = True
+            elif kind in (BYTES, STR):
+                size = dims[d + batched]
+                d += 1 + batched
+                steps.append((_TEXT, position, size, count, kind == STR))
+                size += 8 * count
+            else:
+                size = dtype.itemsize
+                steps.append((_SCALAR if kind == NPSCALAR else _PY_SCALAR, position, position + size, dtype))
+            payload_bytes += size
+            position = align(position + size)
+        return _Reading(treedef, steps, views, payload_bytes)
+
+
+def _builder(treedef: Treedef) -> Callable[[list], Any]:
+    """The quickest way to rebuild elements of this structure from their leaves."""
+    if treedef is None:
+        return operator.itemgetter(0)
+    if all(child is None for child in treedef[-1]):  # a flat tuple, list or dict: the common case
+        if treedef[0] == "t":
+            return tuple
+        if treedef[0] == "l":
+            return list
+        keys = treedef[1]
+        return lambda leaves: dict(zip(keys, leaves))
+    return functools.partial(unflatten, treedef)
+
+
+def _read_text(base: np.ndarray, position: int, size: int, count: int, text: bool) -> Any:
+    """A bytes or str leaf, or (in a batch) an object array of them: always copies."""
+    if not count:
+        chunk = base[position : position + size].tobytes()
+        return chunk.decode("utf-8") if text else chunk
+    lengths = struct.unpack_from(f"<{count}q", base, position)
+    start = position + 8 * count
+    leaf = np.empty(count, dtype=object)
+    for i, length in enumerate(lengths):
+        chunk = base[start : start + length].tobytes()
+        leaf[i] = chunk.decode("utf-8") if text else chunk
+        start += length
+    return leaf

@@ -83,6 +83,36 @@ def test_shapes_may_change_but_dtypes_and_structure_may_not():
         encoder.prepare([flatten({"y": np.zeros((2, 2))})], 3, False)
 
 
+def test_one_encoder_and_decoder_carry_a_stream_whose_shapes_and_sizes_vary():
+    encoder, decoder = Encoder(), Decoder()
+    raw = np.zeros(1 << 16, dtype=np.uint8)
+    base = raw[-raw.ctypes.data % 64 :][: 1 << 15]
+    for seq, rows in enumerate([2, 5, 2, 0, 5, 9]):  # shapes come back, layouts are reused
+        element = {"x": np.arange(rows * 3, dtype=np.int16).reshape(rows, 3), "s": "é" * rows, "n": seq}
+        record = encoder.prepare([flatten(element)], seq, False)
+        record.write(base)
+        got, _, _, nbytes = decoder.decode(base)
+        np.testing.assert_array_equal(got["x"], element["x"])
+        assert (got["s"], got["n"], nbytes) == (element["s"], seq, record.payload_bytes)
+
+
+def test_a_subclass_or_another_byte_order_is_checked_in_full():
+    encoder = Encoder()
+    encoder.prepare([flatten((np.zeros(2, dtype="<i4"), 1))], 0, False)
+    encoder.prepare([flatten((np.zeros(2, dtype="<i4").view(np.recarray), 2))], 1, False)  # same leaf
+    with pytest.raises(ValueError, match=r"element\[0\] changed mid-stream .* to a 1-d array of >i4"):
+        encoder.prepare([flatten((np.zeros(2, dtype=">i4"), 3))], 2, False)
+    with pytest.raises(ValueError, match=r"element\[1\] changed mid-stream from int to bool"):
+        encoder.prepare([flatten((np.zeros(2, dtype="<i4"), True))], 3, False)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_an_int_beyond_int64_is_refused_naming_the_leaf(batched):
+    elements = [{"id": 1}, {"id": 2**64}] if batched else [{"id": 2**64}]
+    with pytest.raises(ValueError, match=r"element\['id'\] .*beyond the int64 an int travels as"):
+        Encoder().prepare([flatten(e) for e in elements], 0, batched)
+
+
 def test_paths_and_alignment_helpers():
     treedef, leaves = flatten({"a": (1, [2, 3]), "b": 4})
     assert leaves == [1, 2, 3, 4]
