@@ -90,10 +90,13 @@ class FeederStats:
 
 class _Releases:
     """Slots whose views died, queued from any thread (the garbage collector's or TensorFlow's) for the
-    consumer thread, which alone talks to workers. A byte on a socket wakes a consumer that waits."""
+    consumer thread, which alone talks to workers. A byte on a socket wakes the consumer while it waits
+    (``waiting``); a release at any other time only queues, since the consumer looks at the queue before
+    it waits."""
 
     def __init__(self) -> None:
         self.slots: deque = deque()
+        self.waiting = False
         self.reader, self._writer = socket.socketpair()
         self.reader.setblocking(False)
         self._writer.setblocking(False)
@@ -101,7 +104,11 @@ class _Releases:
         self._closed = False
 
     def put(self, key: tuple[int, int]) -> None:
+        # Append, then read the flag: the consumer sets the flag, then reads the queue, so one of the two
+        # always sees the other.
         self.slots.append(key)
+        if not self.waiting:
+            return
         with self._lock:
             if not self._closed:
                 try:
@@ -198,6 +205,7 @@ class Feeder:
         self._cursor = 0
         self._wait_s = 0.0
         self._copies = 0
+        self._copy_below = 0  # records up to this size are copied out at once (set by `dataset()`)
         self._started = time.monotonic()
         config = WorkerConfig(
             workers=workers,
@@ -371,7 +379,10 @@ class Feeder:
         supervisor = self._supervisor
         supervisor.flush_credits()
         started = time.monotonic()
+        self._releases.waiting = True
         try:
+            if self._releases.slots:
+                return
             while True:
                 self._check_usable()
                 slice_s = _WAIT_SLICE_S
@@ -391,6 +402,7 @@ class Feeder:
                 if exited:
                     return
         finally:
+            self._releases.waiting = False
             self._wait_s += time.monotonic() - started
 
     def _timed_out(self, awaited: WorkerHandle) -> WorkerTimeoutError:
@@ -416,11 +428,13 @@ class Feeder:
         else:
             slot = protocol.read_filled(message)[0]
             base = handle.ring.slot_view(slot)
+            record_bytes = Decoder.header(base)[5]
             # When every other slot of this ring is held, copy: otherwise the worker could never write again.
-            copied = handle.held >= self._depth - 1
+            ring_full = handle.held >= self._depth - 1
+            copied = ring_full or record_bytes <= self._copy_below
             if copied:
-                base = _readonly_copy(base[: Decoder.header(base)[5]])
-                self._copies += 1
+                base = _readonly_copy(base[:record_bytes])
+                self._copies += ring_full
             element, views, count, nbytes = self._decoder.decode(base)
             if views and not copied:
                 key = (handle.index, slot)

@@ -99,6 +99,7 @@ def _has_lists(node: Any) -> bool:
 
 _CHUNK_BYTES = 1 << 20  # small elements travel to TensorFlow in chunks of about this size
 _MAX_CHUNK = 256
+_COPY_BELOW_BYTES = 256 << 10  # records up to this size reach TensorFlow as copies, not views
 
 
 def feeder_dataset(
@@ -110,7 +111,8 @@ def feeder_dataset(
     into chunks of ``chunk_size`` (default: about 1 MiB, at most 256 elements) that the dataset unbatches
     in the graph; an element of 1 MiB or more goes alone, as a zero-copy view. ``chunk_size=1`` hands
     every element over as a view. Only elements of fixed, non-empty shapes and no strings are chunked
-    (TensorFlow 2.21's unbatch crashes on zero-size dimensions). A batched feeder's batches go as they are.
+    (TensorFlow 2.21's unbatch crashes on zero-size dimensions). A batched feeder's batches go as they are:
+    by default those (and unchunked elements) under 256 KiB go as copies, which free their slots at once.
 
     The generator function holds the feeder weakly (TensorFlow keeps generator functions registered after
     the dataset is gone); the returned dataset, and every dataset made from it, owns the feeder.
@@ -127,6 +129,10 @@ def feeder_dataset(
         )
     if chunk_size is None:
         chunk_size = _auto_chunk_size(output_signature) if chunkable else 1
+        if chunk_size == 1:
+            # TensorFlow lets go of the arrays it aliased only at a later generator call, which keeps
+            # slots from their workers; a small record is cheaper to copy than that wait.
+            feeder._copy_below = max(feeder._copy_below, _COPY_BELOW_BYTES)
     feeder_ref = weakref.ref(feeder)
 
     def elements() -> Iterator[Any]:

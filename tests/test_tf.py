@@ -93,6 +93,23 @@ def test_tensorflow_aliases_slot_views_without_copying():
         assert feeder.stats().workers[0].held_slots == 0
 
 
+def test_small_batches_reach_tensorflow_as_copies_and_large_ones_as_views():
+    """TensorFlow lets go of aliased arrays late, so small batches are copied and free their slot at once."""
+    for shape, aliased in [((3, 4), False), ((128, 256), True)]:  # batches of 4 rows of 48 B or 128 KiB
+        with mpfeed.Feeder(
+            sources.numbered, args=(12,), kwargs={"shape": shape}, workers=1, batch_size=4
+        ) as feeder:
+            batches = list(feeder.dataset())  # the first travels in the pipe, the other two in slots
+            assert feeder.stats().workers[0].held_slots == (2 if aliased else 0)
+            assert [[int(i) for i in batch["i"]] for batch in batches] == [
+                [0, 1, 2, 3],
+                [4, 5, 6, 7],
+                [8, 9, 10, 11],
+            ]
+            np.testing.assert_array_equal(batches[2]["x"].numpy()[:, -1, -1], [8, 9, 10, 11])
+            del batches
+
+
 @pytest.mark.parametrize("chunk_size", [None, 1, 7])
 def test_small_elements_travel_in_chunks_and_arrive_in_order(chunk_size):
     n = 101  # shards of 34, 34 and 33: the last chunk is short
