@@ -17,7 +17,8 @@ Control flows the other way: Feeder -> Supervisor -> workers (epochs, credits, s
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     ClosedError,
@@ -29,8 +30,11 @@ from .errors import (
     WorkerError,
     WorkerTimeoutError,
 )
-from .feeder import Feeder, FeederStats, WorkerStats
 from .shard import Shard
+
+if TYPE_CHECKING:
+    from .feeder import Feeder, FeederStats, WorkerStats
+    from .tf import from_generator
 
 __all__ = [
     "ClosedError",
@@ -49,11 +53,23 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
+# The consumer's side loads on first use. A worker imports only the modules it runs (this file runs
+# whenever any of them is imported), so it starts sooner; and TensorFlow loads only when its face is used.
+_CONSUMER_SIDE = {
+    "Feeder": "feeder",
+    "FeederStats": "feeder",
+    "WorkerStats": "feeder",
+    "from_generator": "tf",
+}
+
 
 def __getattr__(name: str) -> Any:
-    # TensorFlow loads only when its face is used: `import mpfeed` stays light.
-    if name == "from_generator":
-        from .tf import from_generator
+    module = _CONSUMER_SIDE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mpfeed' has no attribute {name!r}")
+    value = globals()[name] = getattr(importlib.import_module(f".{module}", __name__), name)
+    return value
 
-        return from_generator
-    raise AttributeError(f"module 'mpfeed' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

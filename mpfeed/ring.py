@@ -19,7 +19,6 @@ import _posixshmem
 import errno
 import mmap
 import os
-import secrets
 
 import numpy as np
 
@@ -84,7 +83,7 @@ class Ring:
             raise ValueError(f"slot_bytes must be a multiple of {ALIGN}, got {slot_bytes}")
         size = depth * slot_bytes
         check_shm_space(size, size * workers, workers, depth, slot_bytes)
-        name = f"/{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        name = f"/{NAME_PREFIX}{os.getpid()}-{os.urandom(6).hex()}"
         fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
         try:
             try:
