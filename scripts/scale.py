@@ -2,7 +2,10 @@
 
 Part 1 runs the `io`, `decode` and `python` workloads with 1, 2, 4, ... workers (up to twice the usable
 cores, and up to 32 for `io`) for every contender that takes a worker count, beside `from_generator`
-(which has none) and the ideal: for `io` N / 10 ms, otherwise one core's rate x min(N, cores).
+(which has none) and the ideal: for `io` N / 10 ms, otherwise one core's rate x min(N, cores). Each
+warm-up and window lasts whole rounds of the workers too (`bench.measure`), so that `mpfeed-b16`, whose
+workers need 160 ms for one batch on `io`, is timed over several batches of every worker even in the
+short windows of ``--quick``.
 
 Part 2 measures mpfeed's own cost on a source that does no work: the consumer's CPU time per element
 (iterating the feeder directly and through ``dataset()``), the workers' CPU time per element beyond the
@@ -10,7 +13,7 @@ source's own, and the start-up of 16 workers. From those it predicts how many co
 can keep fed.
 
     python scripts/scale.py              # ~8 minutes on 2 cores
-    python scripts/scale.py --quick      # ~2 minutes
+    python scripts/scale.py --quick      # ~1 minute
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def scaling_contenders(workload: Workload) -> list[Contender]:
         Contender("mpfeed", bench.mpfeed_dataset),
     ]
     if workload.name == "io":
-        contenders.append(Contender("mpfeed-b16", mpfeed_b16))
+        contenders.append(Contender("mpfeed-b16", mpfeed_b16, batch_size=16))
     return contenders
 
 
@@ -72,14 +75,17 @@ def scaling(workloads: list[Workload], reps: int, timing: Timing, progress: Any)
             entry = results[workload.name]
             if workload.limit == "ideal-cpu":
                 entry["one_core"].append(bench.one_core(workload, timing.duration_s))
-            jobs = [("from_generator", 1, bench.from_generator)]
+            jobs = [("from_generator", 1, bench.from_generator, 1)]
             for count in worker_counts(workload, cores):
-                jobs += [(c.name, count, c.build) for c in scaling_contenders(workload)]
+                jobs += [
+                    (c.name, count, c.build, c.round_items(workload, count))
+                    for c in scaling_contenders(workload)
+                ]
             shift = rep % len(jobs)
-            for name, count, build in jobs[shift:] + jobs[:shift]:
+            for name, count, build, round_items in jobs[shift:] + jobs[:shift]:
                 progress.set_postfix_str(f"rep {rep + 1}/{reps} {workload.name} {name} x{count}")
                 try:
-                    rate = measure(functools.partial(build, workload, count), timing)["rate"]
+                    rate = measure(functools.partial(build, workload, count), timing, round_items)["rate"]
                 except Exception as error:
                     progress.write(f"{workload.name} / {name} x{count}: {type(error).__name__}: {error}")
                     rate = None
