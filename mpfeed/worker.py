@@ -30,6 +30,7 @@ EXIT_ORPHANED = 2
 
 _PARENT_CHECK_S = 0.5
 _CONTROL_POLL_S = 0.5
+_CONTROL_CHECK_S = 0.01
 
 
 class _Restart(Exception):
@@ -153,8 +154,14 @@ class _Worker:
             raise self._fail("source", error, produced, epoch) from None
         try:
             batch: list = []
+            next_check = 0.0
             while True:
-                self._handle_control(block=False)
+                # Between elements, look for a stop or a new epoch now and then, not every time: a poll
+                # per element costs more than a small element's whole record.
+                now = time.monotonic()
+                if now >= next_check:
+                    self._handle_control(block=False)
+                    next_check = now + _CONTROL_CHECK_S
                 try:
                     element = next(iterator)
                 except StopIteration:
