@@ -73,6 +73,17 @@ def main_module_spec(work: bytes) -> dict:
     )
 
 
+# Math libraries start a thread per core in every process that loads them: N workers would start N x
+# cores threads (which spin at start-up, doubling a worker's start-up CPU) and then oversubscribe the
+# machine. Workers get one each, unless the user set these variables.
+SINGLE_THREADED = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def worker_environment() -> dict[str, str]:
+    """The consumer's environment, with math libraries single-threaded unless the user said otherwise."""
+    return {**{name: "1" for name in SINGLE_THREADED}, **os.environ}
+
+
 def launch(work: bytes, main_spec: dict, config: dict) -> tuple[subprocess.Popen, Connection]:
     """Start one worker interpreter; returns its process and the parent's end of its pipe.
 
@@ -84,6 +95,7 @@ def launch(work: bytes, main_spec: dict, config: dict) -> tuple[subprocess.Popen
             [sys.executable, "-c", _CHILD_PROGRAM, str(child_end.fileno()), _PACKAGE_PARENT],
             pass_fds=(child_end.fileno(),),
             stdin=subprocess.DEVNULL,
+            env=worker_environment(),
         )
     finally:
         child_end.close()

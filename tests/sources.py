@@ -93,6 +93,11 @@ def yields_leaf(leaf, shard):
     yield {"image": leaf, "label": 1}
 
 
+def environment(names, shard):
+    """The worker's values of these environment variables (None where unset)."""
+    yield {name: os.environ.get(name, "unset") for name in names}
+
+
 def tensorflow_state(shard):
     """What the worker's interpreter has loaded."""
     module = sys.modules.get("tensorflow")

@@ -177,6 +177,16 @@ def test_workers_import_the_source_module_each_on_its_own(start_method):
     assert len(set(draws)) == 4
 
 
+def test_workers_run_math_libraries_single_threaded_unless_told_otherwise(start_method, monkeypatch):
+    names = ["OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"]
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    with mpfeed.Feeder(sources.environment, args=(names,), workers=2, start_method=start_method) as feeder:
+        seen = list(feeder)
+    assert seen == [{"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "3"}] * 2
+
+
 def test_records_too_big_for_their_slot_still_count_against_the_ring():
     """While the consumer waits for a slow worker, a fast one's oversized records must not pile up."""
     depth = 2
