@@ -45,10 +45,14 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from workloads import IO_SLEEP_S, WORKLOADS, Workload  # noqa: E402
+
+if __name__ != "__mp_main__":
+    # A spawned process (Grain's workers) imports the main script again, as __mp_main__; those workers
+    # need only the workloads, so TensorFlow and Keras load in the benchmark's own process alone.
+    import keras
+    import tensorflow as tf
 
 import mpfeed  # noqa: E402
 
@@ -174,7 +178,8 @@ def tf_map(workload: Workload, workers: int, parallel: int | None = None) -> Pip
 
 
 class IndexedItems:
-    """Random access to a workload's items (or batches of them), for the index-based loaders."""
+    """Random access to a workload's items (or batches of them), for the index-based loaders. Plain numpy:
+    Grain's spawned workers use it without TensorFlow."""
 
     def __init__(self, name: str, length: int = ENDLESS) -> None:
         self.name = name
@@ -189,33 +194,37 @@ class IndexedItems:
             return workload.item(index)
         first = index * workload.batch_size
         items = [workload.item(i) for i in range(first, first + workload.batch_size)]
-        return tf.nest.map_structure(lambda *leaves: np.stack(leaves), *items)
+        return tuple(np.stack(leaves) for leaves in zip(*items))  # every batched workload is a tuple
 
 
-class KerasItems(keras.utils.PyDataset):
-    """A `keras.utils.PyDataset` over a workload. Keras wants batches, so an element comes as a batch of
-    one where the workload does not batch."""
+@functools.cache
+def keras_items_class() -> type:
+    """`keras.utils.PyDataset` over a workload, made on first use: Keras loads only where it runs. Keras
+    wants batches, so an element comes as a batch of one where the workload does not batch."""
 
-    def __init__(self, name: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.items = IndexedItems(name)
-        self.single = not WORKLOADS[name].batch_size
+    class KerasItems(keras.utils.PyDataset):
+        def __init__(self, name: str, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.items = IndexedItems(name)
+            self.single = not WORKLOADS[name].batch_size
 
-    def __len__(self) -> int:
-        return len(self.items)
+        def __len__(self) -> int:
+            return len(self.items)
 
-    def __getitem__(self, index: int) -> Any:
-        batch = self.items[index]
-        if self.single:
-            batch = tf.nest.map_structure(lambda leaf: np.expand_dims(leaf, 0), batch)
-        return batch
+        def __getitem__(self, index: int) -> Any:
+            batch = self.items[index]
+            if self.single:
+                batch = tf.nest.map_structure(lambda leaf: np.expand_dims(leaf, 0), batch)
+            return batch
+
+    return KerasItems
 
 
 def keras_pydataset(workload: Workload, workers: int) -> Pipeline:
     """Iterated as `Model.fit` does: Keras' adapter turns the PyDataset into a `tf.data.Dataset`."""
     from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 
-    items = KerasItems(workload.name, workers=workers, use_multiprocessing=True)
+    items = keras_items_class()(workload.name, workers=workers, use_multiprocessing=True)
     adapter = PyDatasetAdapter(items, shuffle=False)
     return Pipeline(adapter.get_tf_dataset(), batched=True, close=adapter.on_epoch_end)
 
@@ -327,8 +336,8 @@ def grain_loader(workload: Workload, workers: int) -> Pipeline:
     `from_generator`. Each worker process makes one element at a time (``ReadOptions(num_threads=0)``; by
     default each would run 16 reading threads, which would make it a thread pool, not the N workers
     BENCH.md compares) and keeps ``per_worker_buffer_size`` elements ready, the same depth as the others.
-    Grain always spawns its workers, and a spawned worker imports the main script again: here TensorFlow
-    and Keras too, as in a training script, which its time to the first element shows."""
+    Grain always spawns its workers, and a spawned worker imports the main script again (this one loads
+    TensorFlow only outside such workers, as a careful training script would)."""
     import grain
 
     dataset = (
