@@ -188,10 +188,15 @@ def source_cost(workload: Workload, duration: float) -> float:
     return 1 / bench.one_core(workload, duration)
 
 
-def startup(workers: int) -> dict:
+START_METHODS = ("forkserver", "spawn")
+
+
+def startup(workers: int, start_method: str) -> dict:
     """Seconds until the constructor returns, and until every worker has delivered an element."""
     started = time.perf_counter()
-    feeder = mpfeed.Feeder(WORKLOADS["tiny"].source, args=(bench.ENDLESS,), workers=workers)
+    feeder = mpfeed.Feeder(
+        WORKLOADS["tiny"].source, args=(bench.ENDLESS,), workers=workers, start_method=start_method
+    )
     built = time.perf_counter()
     try:
         iterator = iter(feeder)
@@ -214,7 +219,7 @@ def costs(reps: int, timing: Timing, progress: Any) -> dict:
         ("transfer 8 MiB, dataset()", "transfer", "dataset", None),
     ]
     measured: dict[str, list] = {label: [] for label, *_ in cases}
-    starts: list[dict] = []
+    starts: dict[str, list[dict]] = {method: [] for method in START_METHODS}
     own = {name: [] for name in ("tiny", "transfer")}
     for rep in range(reps):
         for label, name, via, batch_size in cases:
@@ -224,9 +229,10 @@ def costs(reps: int, timing: Timing, progress: Any) -> dict:
             progress.update()
         for name in own:
             own[name].append(source_cost(WORKLOADS[name], timing.duration_s / 2))
-        progress.set_postfix_str(f"rep {rep + 1}/{reps} start-up of {STARTUP_WORKERS} workers")
-        starts.append(startup(STARTUP_WORKERS))
-        settle()
+        for method in START_METHODS:
+            progress.set_postfix_str(f"rep {rep + 1}/{reps} start-up of {STARTUP_WORKERS} workers ({method})")
+            starts[method].append(startup(STARTUP_WORKERS, method))
+            settle()
         progress.update()
     summary: dict[str, Any] = {"cases": {}}
     for label, name, _, _ in cases:
@@ -242,11 +248,14 @@ def costs(reps: int, timing: Timing, progress: Any) -> dict:
             "overhead_us": 1e6 * (statistics.median(r["workers_s"] for r in runs) - source_s),
         }
     summary["startup"] = {
-        "workers": STARTUP_WORKERS,
-        "constructor_s": statistics.median(s["constructor_s"] for s in starts),
-        "all_ready_s": statistics.median(s["all_ready_s"] for s in starts),
-        "all_ready_s_min": min(s["all_ready_s"] for s in starts),
-        "all_ready_s_max": max(s["all_ready_s"] for s in starts),
+        method: {
+            "workers": STARTUP_WORKERS,
+            "constructor_s": statistics.median(s["constructor_s"] for s in runs),
+            "all_ready_s": statistics.median(s["all_ready_s"] for s in runs),
+            "all_ready_s_min": min(s["all_ready_s"] for s in runs),
+            "all_ready_s_max": max(s["all_ready_s"] for s in runs),
+        }
+        for method, runs in starts.items()
     }
     summary["prediction"] = predict(summary["cases"])
     return summary
@@ -274,12 +283,13 @@ def costs_table(summary: dict) -> str:
             f"{label:<34} {case['rate']:>10,.0f} {case['consumer_us']:>8.1f} {spread:>13} "
             f"{case['workers_us']:>14.1f} {case['source_us']:>10.1f} {case['overhead_us']:>12.1f}"
         )
-    start = summary["startup"]
-    lines.append(
-        f"\nstart-up of {start['workers']} workers: constructor {start['constructor_s']:.3f} s, every worker "
-        f"delivered an element after {start['all_ready_s']:.3f} s "
-        f"(min-max {start['all_ready_s_min']:.3f}-{start['all_ready_s_max']:.3f})"
-    )
+    lines.append("")
+    for method, start in summary["startup"].items():
+        lines.append(
+            f"start-up of {start['workers']} workers ({method}): constructor {start['constructor_s']:.3f} s, "
+            f"every worker delivered an element after {start['all_ready_s']:.3f} s "
+            f"(min-max {start['all_ready_s_min']:.3f}-{start['all_ready_s_max']:.3f})"
+        )
     lines.append("\npredicted cores of work one consumer keeps fed (work + worker overhead) / consumer CPU:")
     lines.append(f"{'consumer':<34}" + "".join(f" {f'{ms} ms/element':>15}" for ms in PREDICT_WORK_MS))
     for label, row in summary["prediction"].items():
