@@ -52,10 +52,13 @@ def mpfeed_b16(workload: Workload, workers: int) -> bench.Pipeline:
 
 
 def scaling_contenders(workload: Workload) -> list[Contender]:
+    """The contenders that take a worker count, with PyTorch's and Grain's loaders when installed."""
+    peers = [peer for peer in bench.PEERS if bench.importable(bench.PEER_MODULES[peer.name])]
     contenders = [
         Contender("tf-map", lambda w, n: bench.tf_map(w, n, parallel=n)),
         Contender("keras-pydataset", bench.keras_pydataset),
         Contender("mp-pool", bench.mp_pool),
+        *peers,
         Contender("mpfeed", bench.mpfeed_dataset),
     ]
     if workload.name == "io":
