@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from numpy.lib.format import descr_to_dtype, dtype_to_descr
 
 ALIGN = 64
 MAGIC = 0x6D706664  # "mpfd"
@@ -97,14 +98,15 @@ def leaf_paths(treedef: Treedef, prefix: str = "element") -> list[str]:
 
 
 def describe_leaf(leaf: Any) -> tuple[int, str, int]:
-    """``(kind, dtype string, ndim)`` of a leaf; `TypeError` for anything mpfeed cannot carry."""
+    """``(kind, dtype, ndim)`` of a leaf, the dtype as numpy's ``.npy`` files describe it (structured ones
+    keep their fields); `TypeError` for anything mpfeed cannot carry."""
     kind = type(leaf)
     if kind is np.ndarray or isinstance(leaf, np.ndarray):
         if leaf.dtype.hasobject or leaf.dtype.itemsize == 0:
             raise TypeError(
                 f"is a numpy array of dtype {leaf.dtype} (shape {leaf.shape}); mpfeed carries {_SUPPORTED}"
             )
-        return ARRAY, leaf.dtype.str, leaf.ndim
+        return ARRAY, dtype_to_descr(leaf.dtype), leaf.ndim
     if kind is bool:
         return BOOL, "?", 0
     if kind is int:
@@ -116,7 +118,7 @@ def describe_leaf(leaf: Any) -> tuple[int, str, int]:
     if kind is str:
         return STR, "", 0
     if isinstance(leaf, np.generic) and not leaf.dtype.hasobject:
-        return NPSCALAR, leaf.dtype.str, 0
+        return NPSCALAR, dtype_to_descr(leaf.dtype), 0
     if kind.__module__ == "mpfeed.spawn":  # a TensorFlow stand-in: its repr says why
         raise TypeError(f"is {leaf!r}")
     raise TypeError(f"is a {kind.__module__}.{kind.__qualname__}; mpfeed carries {_SUPPORTED}")
@@ -199,7 +201,7 @@ class Encoder:
 def _dtypes_of(descriptions: tuple) -> tuple[np.dtype | None, ...]:
     """The numpy dtype each leaf travels as (None for bytes and str)."""
     return tuple(
-        np.dtype(dtype) if kind in (ARRAY, NPSCALAR) else _PY_SCALAR_DTYPES.get(kind)
+        descr_to_dtype(dtype) if kind in (ARRAY, NPSCALAR) else _PY_SCALAR_DTYPES.get(kind)
         for kind, dtype, _ in descriptions
     )
 
@@ -233,9 +235,9 @@ def _sketch(treedef: Treedef) -> str:
 def _leaf_words(kind: int, dtype: str, ndim: int) -> str:
     names = {INT: "int", FLOAT: "float", BOOL: "bool", BYTES: "bytes", STR: "str"}
     if kind == ARRAY:
-        return f"a {ndim}-d array of {np.dtype(dtype)}"
+        return f"a {ndim}-d array of {descr_to_dtype(dtype)}"
     if kind == NPSCALAR:
-        return f"a numpy {np.dtype(dtype)} scalar"
+        return f"a numpy {descr_to_dtype(dtype)} scalar"
     return names[kind]
 
 
@@ -373,8 +375,8 @@ class Record:
             if kind == ARRAY:
                 if count:
                     target = np.ndarray((count, *value[0].shape), dtype, buffer=buffer, offset=offset)
-                    for row, leaf in zip(target, value):
-                        row[...] = leaf
+                    for row, leaf in enumerate(value):
+                        target[row] = leaf
                 elif value.nbytes <= _SMALL_LEAF_BYTES:
                     buffer[offset : offset + value.nbytes] = value.tobytes()
                 else:

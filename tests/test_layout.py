@@ -50,6 +50,26 @@ def test_a_batch_stacks_every_leaf_kind():
     assert scalars.dtype == np.float32
 
 
+@pytest.mark.parametrize("rows", [3, 20_000])  # small leaves and leaves over 64 KiB are written differently
+def test_structured_arrays_keep_their_fields_alone_and_in_batches(rows):
+    record = np.dtype(
+        {"names": ["id", "score"], "formats": ["<i4", "<f4"], "offsets": [0, 8], "itemsize": 12}
+    )
+    first = np.zeros(rows, dtype=record)
+    first["id"], first["score"] = np.arange(rows), 0.5
+    second = first.copy()
+    second["id"] += rows
+    for elements, batched in [([first], False), ([first, second], True)]:
+        got, _, _ = roundtrip(elements, batched=batched)
+        assert got.dtype == record
+        np.testing.assert_array_equal(got, np.stack(elements) if batched else first)
+
+
+def test_a_batch_of_zero_dimensional_arrays_stacks_into_a_vector():
+    (values, labels), _, count = roundtrip([(np.array(0.5), 1), (np.array(1.5), 2)], batched=True)
+    assert count == 2 and values.shape == (2,) and values.tolist() == [0.5, 1.5] and labels.tolist() == [1, 2]
+
+
 def test_a_batch_of_different_shapes_is_refused_naming_the_leaf():
     with pytest.raises(ValueError, match=r"cannot batch element\[0\]: shapes \(2,\) and \(3,\)"):
         roundtrip([(np.zeros(2), 1), (np.zeros(3), 2)], batched=True)
