@@ -205,7 +205,6 @@ class Feeder:
         self._cursor = 0
         self._wait_s = 0.0
         self._copies = 0
-        self._copy_below = 0  # records up to this size are copied out at once (set by `dataset()`)
         self._started = time.monotonic()
         config = WorkerConfig(
             workers=workers,
@@ -232,11 +231,15 @@ class Feeder:
 
     def __iter__(self) -> Iterator[Any]:
         """One epoch of elements, in source order when ``ordered`` (round-robin over shards)."""
+        return self._iterate()
+
+    def _iterate(self, copy_below: int = 0) -> Iterator[Any]:
+        """`__iter__`, copying records of up to ``copy_below`` bytes out of their slot (`dataset()`)."""
         self._check_usable()
         if self._epoch_taken:
             self._start_epoch(self._epoch + 1)
         self._epoch_taken = True
-        return self._serve(self._epoch)
+        return self._serve(self._epoch, copy_below)
 
     def dataset(self, output_signature: Any = None, *, chunk_size: int | None = None):
         """A `tf.data.Dataset` over this feeder; each pass over it is one epoch.
@@ -289,13 +292,13 @@ class Feeder:
 
     # -- epochs --------------------------------------------------------------------------------------
 
-    def _serve(self, epoch: int) -> Iterator[Any]:
+    def _serve(self, epoch: int, copy_below: int) -> Iterator[Any]:
         while True:
             if epoch != self._epoch:
                 raise RuntimeError(
                     "this iteration of the feeder was superseded: a newer iteration started the next epoch"
                 )
-            element = self._peeked.pop() if self._peeked else self._next_element()
+            element = self._peeked.pop() if self._peeked else self._next_element(copy_below)
             if element is _EPOCH_END:
                 return
             yield element
@@ -324,7 +327,7 @@ class Feeder:
 
     # -- the consumer's loop -------------------------------------------------------------------------
 
-    def _next_element(self) -> Any:
+    def _next_element(self, copy_below: int = 0) -> Any:
         started = time.monotonic()
         try:
             while True:
@@ -334,7 +337,7 @@ class Feeder:
                 if handle is None:
                     return _EPOCH_END
                 if message is not None:
-                    return self._open(handle, message)
+                    return self._open(handle, message, copy_below)
                 self._wait(handle, started)
         except (WorkerError, ShmSpaceError) as error:
             self._break(error)
@@ -381,9 +384,9 @@ class Feeder:
         started = time.monotonic()
         self._releases.waiting = True
         try:
-            if self._releases.slots:
-                return
             while True:
+                if self._releases.slots:  # a release came before (or instead of) its wake-up byte
+                    return
                 self._check_usable()
                 slice_s = _WAIT_SLICE_S
                 if self._timeout is not None:
@@ -419,7 +422,7 @@ class Feeder:
             epoch=self._epoch,
         )
 
-    def _open(self, handle: WorkerHandle, message: bytes) -> Any:
+    def _open(self, handle: WorkerHandle, message: bytes, copy_below: int) -> Any:
         """Decode one record into the element the user gets."""
         if message[:1] == protocol.INLINE:
             base = _readonly_copy(memoryview(message)[protocol.INLINE_HEADER :])
@@ -431,7 +434,7 @@ class Feeder:
             record_bytes = Decoder.header(base)[5]
             # When every other slot of this ring is held, copy: otherwise the worker could never write again.
             ring_full = handle.held >= self._depth - 1
-            copied = ring_full or record_bytes <= self._copy_below
+            copied = ring_full or record_bytes <= copy_below
             if copied:
                 base = _readonly_copy(base[:record_bytes])
                 self._copies += ring_full

@@ -112,7 +112,7 @@ def feeder_dataset(
     in the graph; an element of 1 MiB or more goes alone, as a zero-copy view. ``chunk_size=1`` hands
     every element over as a view. Only elements of fixed, non-empty shapes and no strings are chunked
     (TensorFlow 2.21's unbatch crashes on zero-size dimensions). A batched feeder's batches go as they are:
-    by default those (and unchunked elements) under 256 KiB go as copies, which free their slots at once.
+    by default those (and unchunked elements) of up to 256 KiB go as copies, which free their slots at once.
 
     The generator function holds the feeder weakly (TensorFlow keeps generator functions registered after
     the dataset is gone); the returned dataset, and every dataset made from it, owns the feeder.
@@ -127,19 +127,19 @@ def feeder_dataset(
         raise ValueError(
             "chunk_size needs elements of fixed, non-empty shapes without strings, and an unbatched feeder"
         )
+    # TensorFlow lets go of the arrays it aliased only at a later generator call, which keeps slots from
+    # their workers: unless views were asked for, a small record is cheaper to copy than that wait.
+    copy_below = 0
     if chunk_size is None:
         chunk_size = _auto_chunk_size(output_signature) if chunkable else 1
-        if chunk_size == 1:
-            # TensorFlow lets go of the arrays it aliased only at a later generator call, which keeps
-            # slots from their workers; a small record is cheaper to copy than that wait.
-            feeder._copy_below = max(feeder._copy_below, _COPY_BELOW_BYTES)
+        copy_below = _COPY_BELOW_BYTES if chunk_size == 1 else 0
     feeder_ref = weakref.ref(feeder)
 
     def elements() -> Iterator[Any]:
         owner = feeder_ref()
         if owner is None:
             raise ClosedError("the feeder behind this dataset is gone")
-        iterator = iter(owner)
+        iterator = owner._iterate(copy_below)
         del owner
         first = next(iterator, _NOTHING)
         if first is _NOTHING:

@@ -110,6 +110,15 @@ def test_small_batches_reach_tensorflow_as_copies_and_large_ones_as_views():
             del batches
 
 
+def test_the_copies_are_the_datasets_own_and_iterating_the_feeder_still_gives_views():
+    with mpfeed.Feeder(sources.numbered, args=(12,), workers=1, batch_size=4) as feeder:
+        assert len(list(feeder.dataset())) == 3  # small batches: copied
+        held = list(feeder)  # the next epoch, iterated directly: every batch in a slot, held
+        assert feeder.stats().workers[0].held_slots == 3
+        assert [batch["i"].tolist() for batch in held] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+        del held
+
+
 @pytest.mark.parametrize("chunk_size", [None, 1, 7])
 def test_small_elements_travel_in_chunks_and_arrive_in_order(chunk_size):
     n = 101  # shards of 34, 34 and 33: the last chunk is short
