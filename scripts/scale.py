@@ -37,6 +37,7 @@ import mpfeed
 PREDICT_WORK_MS = (1, 5, 20)
 STARTUP_WORKERS = 16
 IO_MAX_WORKERS = 32
+PEER_MAX_WORKERS = 8  # PyTorch and Grain workers, at most
 
 
 def worker_counts(workload: Workload, cores: int) -> list[int]:
@@ -51,14 +52,16 @@ def mpfeed_b16(workload: Workload, workers: int) -> bench.Pipeline:
     return bench.mpfeed_dataset(workload, workers, batch_size=16)
 
 
-def scaling_contenders(workload: Workload) -> list[Contender]:
-    """The contenders that take a worker count, with PyTorch's and Grain's loaders when installed."""
+def scaling_contenders(workload: Workload, workers: int) -> list[Contender]:
+    """The contenders that take a worker count. PyTorch's and Grain's loaders, when installed, run up to
+    `PEER_MAX_WORKERS`: each of their workers imports this script again, which at 32 workers takes longer
+    than the measurement."""
     peers = [peer for peer in bench.PEERS if bench.importable(bench.PEER_MODULES[peer.name])]
     contenders = [
         Contender("tf-map", lambda w, n: bench.tf_map(w, n, parallel=n)),
         Contender("keras-pydataset", bench.keras_pydataset),
         Contender("mp-pool", bench.mp_pool),
-        *peers,
+        *(peers if workers <= PEER_MAX_WORKERS else []),
         Contender("mpfeed", bench.mpfeed_dataset),
     ]
     if workload.name == "io":
@@ -82,7 +85,7 @@ def scaling(workloads: list[Workload], reps: int, timing: Timing, progress: Any)
             for count in worker_counts(workload, cores):
                 jobs += [
                     (c.name, count, c.build, c.round_items(workload, count))
-                    for c in scaling_contenders(workload)
+                    for c in scaling_contenders(workload, count)
                 ]
             shift = rep % len(jobs)
             for name, count, build, round_items in jobs[shift:] + jobs[:shift]:
@@ -129,6 +132,7 @@ def summarize_scaling(workloads: list[Workload], results: dict) -> dict:
                         "efficiency": median / limit if limit else None,
                     }
         summary[workload.name] = {
+            "attempted": {name: sorted(by_count) for name, by_count in entry["rows"].items()},
             "one_core": one_core,
             "ideal": {count: ideal(workload, count, one_core, cores) for count in counts},
             "rows": rows,
@@ -148,7 +152,7 @@ def scaling_table(summary: dict) -> str:
             for contender in contenders:
                 cell = entry["rows"][contender].get(count)
                 if cell is None:
-                    cells.append(f" {'error':>19}")
+                    cells.append(f" {'-' if count not in entry['attempted'][contender] else 'error':>19}")
                     continue
                 efficiency = f"({cell['efficiency']:.0%})" if cell["efficiency"] is not None else ""
                 cells.append(f" {cell['rate']:>12,.0f} {efficiency:>6}")
@@ -356,7 +360,9 @@ def main(argv: list[str] | None = None) -> None:
     cores = usable_cores()
     info = bench.machine()
     started = time.perf_counter()
-    per_rep = sum(1 + len(worker_counts(w, cores)) * len(scaling_contenders(w)) for w in workloads)
+    per_rep = sum(
+        1 + sum(len(scaling_contenders(w, count)) for count in worker_counts(w, cores)) for w in workloads
+    )
     total = reps * (per_rep + (0 if args.no_costs else 6))
     with tqdm(total=total, desc="scale", unit="run", file=sys.stderr, dynamic_ncols=True) as progress:
         raw = scaling(workloads, reps, timing, progress)
