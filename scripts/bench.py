@@ -7,8 +7,8 @@ elements that arrive after a warm-up, over a fixed time). Repetitions are interl
 runs every row once, in an order rotated between repetitions, and the report gives the median with the
 min-max spread.
 
-    python scripts/bench.py                      # full run, ~6 minutes on 2 cores (~8 with the peers)
-    python scripts/bench.py --quick              # smoke run, ~1.5 minutes (~4 with the peers)
+    python scripts/bench.py                      # full run, ~6 minutes on 2 cores (~7 with the peers)
+    python scripts/bench.py --quick              # smoke run, under 2 minutes with the peers
     python scripts/bench.py --workloads io,tiny --contenders from_generator,mpfeed --reps 5
 
 The optional peers `torch-dataloader` and `grain` run when their packages are installed (`make
@@ -889,7 +889,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         contenders = [c for c in contenders if c.name in wanted]
     cores = usable_cores()
     workers = {n: args.workers or (8 if n == "io" else cores) for n in names}
-    timing = Timing(duration_s=0.2, warmup_s=0.05) if args.quick else Timing(duration_s=1.5, warmup_s=0.3)
+    timing = Timing(duration_s=0.12, warmup_s=0.05) if args.quick else Timing(duration_s=1.5, warmup_s=0.3)
     reps = args.reps or 3
     return Plan([WORKLOADS[n] for n in names], contenders, workers, reps, timing)
 
