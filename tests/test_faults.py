@@ -268,11 +268,25 @@ def test_the_error_survives_the_trip_through_tensorflow(how):
 
 
 def _run_script(body: str, start_method: str, **popen_options) -> subprocess.Popen:
+    """A consumer script in its own interpreter; SIGUSR1 makes it print every thread's stack."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    code = textwrap.dedent(body).replace("START_METHOD", repr(start_method))
+    code = _DUMP_ON_SIGUSR1 + textwrap.dedent(body).replace("START_METHOD", repr(start_method))
     return subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env, **popen_options
     )
+
+
+_DUMP_ON_SIGUSR1 = "import faulthandler, signal; faulthandler.register(signal.SIGUSR1, all_threads=True)\n"
+
+
+def _wait_or_dump(process: subprocess.Popen) -> int:
+    """The script's exit status; if it hangs, its stacks go to the test's captured stderr first."""
+    try:
+        return process.wait(HANG_BOUND_S)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        raise
 
 
 _CONSUMER = """
@@ -368,7 +382,7 @@ def test_ctrl_c_reaches_the_user_and_leaves_nothing_behind(start_method):
         pids = [int(pid) for pid in consumer.stdout.readline().split()]
         time.sleep(1.0)
         os.killpg(consumer.pid, signal.SIGINT)  # the terminal sends it to the whole foreground group
-        assert consumer.wait(HANG_BOUND_S) == 0
+        assert _wait_or_dump(consumer) == 0
         assert consumer.stdout.read().split() == ["interrupted", "closed"]
         _, alive = psutil.wait_procs(
             [psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)], timeout=10
