@@ -365,7 +365,9 @@ def test_workers_that_ignore_sigterm_still_end_when_the_consumer_is_killed(start
 def test_ctrl_c_reaches_the_user_and_leaves_nothing_behind(start_method):
     consumer = _run_script(
         """
-        import sources, mpfeed
+        import signal, sources, mpfeed
+        # As in a terminal: a shell that runs the tests in the background would have us ignore SIGINT.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         with mpfeed.Feeder(sources.slow, args=(100000, 0.01), workers=2, start_method=START_METHOD) as feeder:
             print(" ".join(str(w.pid) for w in feeder.stats().workers), flush=True)
             try:
