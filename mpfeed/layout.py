@@ -254,30 +254,46 @@ class _Plan:
 
     @classmethod
     def of(cls, encoder: Encoder, dims: tuple[int, ...], count: int) -> _Plan:
-        rows = max(count, 1)
-        d = 0
-        sizes = []
-        for kind, dtype, ndim in zip(encoder._kinds, encoder._dtypes, encoder._ndims):
-            d += count > 0  # a batch's dims start with its length, for every leaf
-            if kind == ARRAY:
-                size = dtype.itemsize * rows
-                for extent in dims[d : d + ndim]:
-                    size *= extent
-                d += ndim
-            elif kind in (BYTES, STR):
-                size = dims[d] + 8 * count
-                d += 1
-            else:
-                size = dtype.itemsize * rows
-            sizes.append(size)
         spec = encoder._spec
-        offsets = []
-        position = align(HEADER.size + len(spec) + 8 * len(dims))
-        for size in sizes:
-            offsets.append(position)
-            position = align(position + size)
-        prefix = spec + struct.pack(f"<{len(dims)}q", *dims)
-        return cls(prefix, tuple(offsets), position, sum(sizes))
+        placed = place_leaves(encoder._kinds, encoder._dtypes, encoder._ndims, dims, count, len(spec))
+        offsets = tuple(offset for offset, _, _ in placed)
+        sizes = [size for _, size, _ in placed]
+        end = align(offsets[-1] + sizes[-1]) if placed else align(HEADER.size + len(spec) + 8 * len(dims))
+        return cls(spec + struct.pack(f"<{len(dims)}q", *dims), offsets, end, sum(sizes))
+
+
+def place_leaves(
+    kinds: tuple[int, ...],
+    dtypes: tuple,
+    ndims: tuple[int, ...],
+    dims: tuple[int, ...],
+    count: int,
+    spec_len: int,
+) -> list[tuple[int, int, tuple[int, ...]]]:
+    """Where each leaf of a record sits, for the writer and the reader alike: ``(offset, size, shape)``,
+    the shape of an array (or of a batch's column of scalars), else ``()``. In ``dims`` a batch gives
+    every leaf its length first; then come an array's extents, or the byte length of bytes and str."""
+    position = align(HEADER.size + spec_len + 8 * len(dims))
+    batched = count > 0
+    d = 0
+    placed = []
+    for kind, dtype, ndim in zip(kinds, dtypes, ndims):
+        shape: tuple[int, ...] = ()
+        if kind in (BYTES, STR):
+            size = dims[d + batched] + 8 * count  # a batch's lengths come first
+            d += 1 + batched
+        elif kind == ARRAY or batched:
+            rank = ndim + batched
+            shape = tuple(dims[d : d + rank])
+            d += rank
+            size = dtype.itemsize
+            for extent in shape:
+                size *= extent
+        else:
+            size = dtype.itemsize
+        placed.append((position, size, shape))
+        position = align(position + size)
+    return placed
 
 
 _SMALL_LEAF_BYTES = 1 << 16  # leaves up to this size are written from `tobytes()`: fewer calls than a view
@@ -462,30 +478,19 @@ class Decoder:
             spec = self._specs[spec_bytes] = (treedef, descriptions, _dtypes_of(descriptions))
         treedef, descriptions, dtypes = spec
         dims = struct.unpack_from(f"<{n_dims}q", layout, spec_len)
-        position = align(HEADER.size + len(layout))
-        batched = count > 0
-        d = 0
+        kinds = tuple(kind for kind, _, _ in descriptions)
+        ndims = tuple(ndim for _, _, ndim in descriptions)
+        placed = place_leaves(kinds, dtypes, ndims, dims, count, spec_len)
         steps: list[tuple] = []
-        views = False
-        payload_bytes = 0
-        for (kind, _, ndim), dtype in zip(descriptions, dtypes):
-            if kind == ARRAY or (batched and kind not in (BYTES, STR)):
-                rank = ndim + batched
-                shape = dims[d : d + rank]
-                d += rank
-                steps.append((_VIEW, shape, dtype, position))
-                size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-                views = True
-            elif kind in (BYTES, STR):
-                size = dims[d + batched]
-                d += 1 + batched
-                steps.append((_TEXT, position, size, count, kind == STR))
-                size += 8 * count
+        for kind, dtype, (offset, size, shape) in zip(kinds, dtypes, placed):
+            if kind in (BYTES, STR):
+                steps.append((_TEXT, offset, size - 8 * count, count, kind == STR))
+            elif kind == ARRAY or count:
+                steps.append((_VIEW, shape, dtype, offset))
             else:
-                size = dtype.itemsize
-                steps.append((_SCALAR if kind == NPSCALAR else _PY_SCALAR, position, position + size, dtype))
-            payload_bytes += size
-            position = align(position + size)
+                steps.append((_SCALAR if kind == NPSCALAR else _PY_SCALAR, offset, offset + size, dtype))
+        views = any(step[0] == _VIEW for step in steps)
+        payload_bytes = sum(size for _, size, _ in placed)
         return _Reading(treedef, steps, views, payload_bytes)
 
 
