@@ -192,10 +192,17 @@ class Encoder:
         key = (count, dims)
         plan = self._plans.get(key)
         if plan is None:
-            if len(self._plans) >= self._MAX_PLANS:
-                self._plans.clear()
-            plan = self._plans[key] = _Plan.of(self, dims, count)
+            plan = _remember(self._plans, key, _Plan.of(self, dims, count), self._MAX_PLANS)
         return plan
+
+
+def _remember(cache: dict, key: Any, value: Any, limit: int) -> Any:
+    """Store ``value`` in a cache that starts over when full (a stream has few layouts; a pathological
+    one must not grow it without bound), and return it."""
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def _dtypes_of(descriptions: tuple) -> tuple[np.dtype | None, ...]:
@@ -255,11 +262,10 @@ class _Plan:
     @classmethod
     def of(cls, encoder: Encoder, dims: tuple[int, ...], count: int) -> _Plan:
         spec = encoder._spec
-        placed = place_leaves(encoder._kinds, encoder._dtypes, encoder._ndims, dims, count, len(spec))
+        placed, end = place_leaves(encoder._kinds, encoder._dtypes, encoder._ndims, dims, count, len(spec))
         offsets = tuple(offset for offset, _, _ in placed)
-        sizes = [size for _, size, _ in placed]
-        end = align(offsets[-1] + sizes[-1]) if placed else align(HEADER.size + len(spec) + 8 * len(dims))
-        return cls(spec + struct.pack(f"<{len(dims)}q", *dims), offsets, end, sum(sizes))
+        payload_bytes = sum(size for _, size, _ in placed)
+        return cls(spec + struct.pack(f"<{len(dims)}q", *dims), offsets, end, payload_bytes)
 
 
 def place_leaves(
@@ -269,10 +275,11 @@ def place_leaves(
     dims: tuple[int, ...],
     count: int,
     spec_len: int,
-) -> list[tuple[int, int, tuple[int, ...]]]:
+) -> tuple[list[tuple[int, int, tuple[int, ...]]], int]:
     """Where each leaf of a record sits, for the writer and the reader alike: ``(offset, size, shape)``,
-    the shape of an array (or of a batch's column of scalars), else ``()``. In ``dims`` a batch gives
-    every leaf its length first; then come an array's extents, or the byte length of bytes and str."""
+    the shape of an array (or of a batch's column of scalars), else ``()``; and where the record ends.
+    In ``dims`` a batch gives every leaf its length first; then come an array's extents, or the byte
+    length of bytes and str."""
     position = align(HEADER.size + spec_len + 8 * len(dims))
     batched = count > 0
     d = 0
@@ -293,7 +300,7 @@ def place_leaves(
             size = dtype.itemsize
         placed.append((position, size, shape))
         position = align(position + size)
-    return placed
+    return placed, position
 
 
 _SMALL_LEAF_BYTES = 1 << 16  # leaves up to this size are written from `tobytes()`: fewer calls than a view
@@ -452,9 +459,9 @@ class Decoder:
         layout = base[HEADER.size : HEADER.size + spec_len + 8 * n_dims].tobytes()
         reading = self._readings.get(layout)
         if reading is None:
-            if len(self._readings) >= self._MAX_READINGS:
-                self._readings.clear()
-            reading = self._readings[layout] = self._plan(layout, spec_len, n_dims, count)
+            reading = _remember(
+                self._readings, layout, self._plan(layout, spec_len, n_dims, count), self._MAX_READINGS
+            )
         leaves = []
         for step in reading.steps:
             how = step[0]
@@ -473,14 +480,14 @@ class Decoder:
         spec = self._specs.get(spec_bytes)
         if spec is None:
             treedef, descriptions = pickle.loads(spec_bytes)
-            if len(self._specs) >= self._MAX_READINGS:
-                self._specs.clear()
-            spec = self._specs[spec_bytes] = (treedef, descriptions, _dtypes_of(descriptions))
+            spec = _remember(
+                self._specs, spec_bytes, (treedef, descriptions, _dtypes_of(descriptions)), self._MAX_READINGS
+            )
         treedef, descriptions, dtypes = spec
         dims = struct.unpack_from(f"<{n_dims}q", layout, spec_len)
         kinds = tuple(kind for kind, _, _ in descriptions)
         ndims = tuple(ndim for _, _, ndim in descriptions)
-        placed = place_leaves(kinds, dtypes, ndims, dims, count, spec_len)
+        placed, _ = place_leaves(kinds, dtypes, ndims, dims, count, spec_len)
         steps: list[tuple] = []
         for kind, dtype, (offset, size, shape) in zip(kinds, dtypes, placed):
             if kind in (BYTES, STR):
