@@ -46,7 +46,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-from workloads import IO_SLEEP_S, WORKLOADS, Workload  # noqa: E402
+from workloads import IO_SLEEP_S, WORKLOADS, Workload, calls_per_second  # noqa: E402
 
 if __name__ != "__mp_main__":
     # A spawned process (Grain's workers) imports the main script again, as __mp_main__; those workers
@@ -435,19 +435,18 @@ def memcpy_span(element_bytes: int) -> int:
     return max(2, span // element_bytes)
 
 
-# Run by `memcpy` in a fresh interpreter: argv is seconds, count, dtype, shape...; prints copies per second.
+# Run by `memcpy` in a fresh interpreter: argv is the scripts folder, seconds, count, dtype, shape...;
+# prints copies per second.
 MEMCPY_NEW_ARRAY = """
-import sys, time
+import sys
 import numpy as np
-seconds, count, dtype, *shape = sys.argv[1:]
+scripts, seconds, count, dtype, *shape = sys.argv[1:]
+sys.path.insert(0, scripts)
+from workloads import calls_per_second
 sources = [np.ones(tuple(map(int, shape)), dtype) for _ in range(int(count))]
 for source in sources:
     np.copy(source)
-started, copies = time.perf_counter(), 0
-while time.perf_counter() - started < float(seconds):
-    np.copy(sources[copies % len(sources)])
-    copies += 1
-print(copies / (time.perf_counter() - started))
+print(calls_per_second(lambda i: np.copy(sources[i % len(sources)]), float(seconds)))
 """
 
 
@@ -463,7 +462,15 @@ def memcpy(workload: Workload, duration: float) -> float:
     `memcpy-preallocated` row). The sources rotate over a span far larger than the last-level cache."""
     source = np.asarray(tf.nest.flatten(workload.item(0))[0])
     shape = [str(n) for n in source.shape]
-    command = [sys.executable, "-c", MEMCPY_NEW_ARRAY, str(duration), str(memcpy_span(source.nbytes))]
+    scripts = str(Path(__file__).parent)
+    command = [
+        sys.executable,
+        "-c",
+        MEMCPY_NEW_ARRAY,
+        scripts,
+        str(duration),
+        str(memcpy_span(source.nbytes)),
+    ]
     command += [source.dtype.str, *shape]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(GLIBC_MMAP_THRESHOLD)}
     output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
@@ -481,11 +488,7 @@ def memcpy_preallocated(workload: Workload, duration: float) -> float:
     targets = [np.empty_like(source) for _ in range(count)]
     for target, origin in zip(targets, sources):
         np.copyto(target, origin)
-    started, copies = time.perf_counter(), 0
-    while time.perf_counter() - started < duration:
-        np.copyto(targets[copies % count], sources[copies % count])
-        copies += 1
-    return copies / (time.perf_counter() - started)
+    return calls_per_second(lambda i: np.copyto(targets[i % count], sources[i % count]), duration)
 
 
 def ceiling(workload: Workload, workers: int) -> Pipeline:

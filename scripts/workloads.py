@@ -151,15 +151,19 @@ WORKLOADS: dict[str, Workload] = {
 }
 
 
-def one_core_rate(name: str, seconds: float) -> float:
-    """Elements per second of ``name``'s work alone, in this process."""
-    item = WORKLOADS[name].item
-    item(0)
+def calls_per_second(call: Callable[[int], Any], seconds: float) -> float:
+    """How often ``call(i)`` (i = 0, 1, ...) runs per second over ``seconds``, after one call to warm up."""
+    call(0)
     started, count = time.perf_counter(), 0
     while time.perf_counter() - started < seconds:
-        item(count)
+        call(count)
         count += 1
     return count / (time.perf_counter() - started)
+
+
+def one_core_rate(name: str, seconds: float) -> float:
+    """Elements per second of ``name``'s work alone, in this process."""
+    return calls_per_second(WORKLOADS[name].item, seconds)
 
 
 if __name__ == "__main__":
