@@ -18,6 +18,15 @@ class ClosedError(MpfeedError, RuntimeError):
     """The feeder was closed; it hands out nothing more."""
 
 
+class BrokenError(MpfeedError, RuntimeError):
+    """An exception (a Ctrl-C, say) escaped in the middle of one of the feeder's state changes, so its
+    state can no longer be trusted: the feeder stopped its workers instead of handing out wrong data."""
+
+
+class SupersededError(MpfeedError, RuntimeError):
+    """This iteration was superseded by a newer pass over the same feeder, which serves one pass at a time."""
+
+
 class ShmSpaceError(MpfeedError, OSError):
     """`/dev/shm` has too little free space for the ring buffers the feeder needs."""
 

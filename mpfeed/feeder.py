@@ -1,36 +1,46 @@
-"""`Feeder`: the consumer side. Ordering, zero-copy views and their lifetimes, epochs, stats.
+"""`Feeder`: the public face of the consumer side: options, passes over the data (epochs), stats, closing.
 
-A record's slot goes back to its worker only when the last view into it dies: every slot is read through
-its own base array, and a weak reference on that base array returns the slot when the array is collected
-(TensorFlow keeps the array alive for as long as a tensor aliases it). When the user holds all but one
-slot of a ring, the next record from that ring is copied out instead, so holding everything never
-deadlocks.
+One lock owns the consumer's state (the supervisor's pipes, inboxes, credits and leases): the thread that
+takes an element holds it while it reads pipes and hands out views, and lets go of it while it waits, so
+`close()` and a new iteration from another thread get in. `stats()` reads snapshots and never a pipe.
+Every state change runs under a guard: an exception escaping from the middle of one (a Ctrl-C) leaves the
+feeder broken (`BrokenError`), never silently wrong. Ordering policies live in `mpfeed.ordering`, views
+and their lifetimes in `mpfeed.leases`, processes and pipes in `mpfeed.supervisor`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import secrets
-import socket
+import select
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import psutil
 
-from . import protocol, spawn
-from .errors import ClosedError, ShmSpaceError, WorkerError, WorkerTimeoutError
-from .layout import Decoder, align
+from . import bootstrap
+from .errors import BrokenError, ClosedError, ShmSpaceError, SupersededError, WorkerError, WorkerTimeoutError
+from .layout import align
+from .leases import Leases, Releases
+from .ordering import FirstReady, RoundRobin
 from .supervisor import Supervisor, WorkerConfig, WorkerHandle
 
 _WAIT_SLICE_S = 1.0  # longest single wait before re-checking liveness, closing and timeouts
+_LOCK_WAIT_S = 10.0  # for the thread taking an element to let go (it does within a wait slice)
+_SHUTDOWN_JOIN_S = 15.0  # for a background shutdown to finish its grace periods
 _EPOCH_END = object()
+_SUPERSEDED = (
+    "this iteration of the feeder was superseded by a newer one: a feeder serves one pass at a time (each "
+    "new iteration of it, or of its dataset(), starts the next epoch). For two streams at once "
+    "(Dataset.zip((ds, ds)), or validation_data=ds while the training pass is unfinished), create a second "
+    "Feeder"
+)
 DEFAULT_START_METHOD = "forkserver"
 
 
@@ -88,53 +98,6 @@ class FeederStats:
     """Per-worker figures, by shard index."""
 
 
-class _Releases:
-    """Slots whose views died, queued from any thread (the garbage collector's or TensorFlow's) for the
-    consumer thread, which alone talks to workers. A byte on a socket wakes the consumer while it waits
-    (``waiting``); a release at any other time only queues, since the consumer looks at the queue before
-    it waits."""
-
-    def __init__(self) -> None:
-        self.slots: deque = deque()
-        self.waiting = False
-        self.reader, self._writer = socket.socketpair()
-        self.reader.setblocking(False)
-        self._writer.setblocking(False)
-        self._lock = threading.RLock()
-        self._closed = False
-
-    def put(self, key: tuple[int, int]) -> None:
-        # Append, then read the flag: the consumer sets the flag, then reads the queue, so one of the two
-        # always sees the other.
-        self.slots.append(key)
-        if not self.waiting:
-            return
-        with self._lock:
-            if not self._closed:
-                try:
-                    self._writer.send(b"\0")
-                except OSError:
-                    pass  # full: the consumer has wake-ups pending anyway
-
-    def clear_wakeups(self) -> None:
-        try:
-            while self.reader.recv(4096):
-                pass
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self.reader.close()
-            self._writer.close()
-
-
-def _shutdown(supervisor: Supervisor, releases: _Releases) -> None:
-    supervisor.close()
-    releases.close()
-
-
 def _usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -147,7 +110,25 @@ class Feeder:
 
     ``source(*args, shard=Shard, **kwargs)`` is called in every worker and returns an iterable of
     elements; each worker takes its share (``items[shard.index::shard.count]``). Iterating the feeder
-    gives one epoch; iterating again starts the next epoch on the same processes. See the README.
+    gives one epoch; iterating again starts the next epoch on the same processes. A feeder serves one pass
+    at a time: a new iteration supersedes an unfinished one.
+
+    Args:
+        source: a module-level generator function (it is pickled and imported by every worker).
+        args, kwargs: any picklable objects, sent once to every worker and passed to ``source``.
+        workers: worker processes; default: the CPUs this process may use.
+        depth: slots per worker ring, i.e. how many records each worker may have ready ahead.
+        slot_bytes: slot size; default: sized from each worker's first record with 25% headroom. A
+            bigger record still arrives intact through the worker's pipe (``stats().overflow``).
+        batch_size: workers stack this many elements into one record; the feeder yields batches.
+        drop_remainder: drop each worker's last, short batch.
+        ordered: True for round-robin over the shards (source order with strided shards); False for
+            first ready (stragglers hold nothing up).
+        seed: a non-negative int, the base of every ``shard.seed`` (random when None); workers also seed
+            ``random`` and ``numpy.random`` from it at every epoch.
+        start_method: "forkserver" (default: one fresh interpreter forks every worker) or "spawn" (a
+            fresh interpreter per worker). The consumer itself is never forked.
+        timeout: seconds the consumer may wait for a worker before `WorkerTimeoutError`; None: no limit.
     """
 
     def __init__(
@@ -166,7 +147,7 @@ class Feeder:
         start_method: str | None = None,
         timeout: float | None = None,
     ) -> None:
-        if spawn.importing_main:
+        if bootstrap.importing_main:
             raise RuntimeError(
                 "a Feeder was created while a worker imported your main script: workers import it to find "
                 'the source, so put the code that creates the feeder under `if __name__ == "__main__":`'
@@ -175,36 +156,43 @@ class Feeder:
             raise TypeError(f"source must be callable (a generator function), got {type(source).__name__}")
         _check_call(source, args, kwargs)
         workers = _usable_cpus() if workers is None else workers
-        _require(isinstance(workers, int) and workers >= 1, f"workers must be an int >= 1, got {workers!r}")
-        _require(isinstance(depth, int) and depth >= 1, f"depth must be an int >= 1, got {depth!r}")
+        _require(_is_int(workers) and workers >= 1, f"workers must be an int >= 1, got {workers!r}")
+        _require(_is_int(depth) and depth >= 1, f"depth must be an int >= 1, got {depth!r}")
         _require(
-            slot_bytes is None or (isinstance(slot_bytes, int) and slot_bytes > 0),
+            slot_bytes is None or (_is_int(slot_bytes) and slot_bytes > 0),
             f"slot_bytes must be a positive int or None, got {slot_bytes!r}",
         )
         _require(
-            batch_size is None or (isinstance(batch_size, int) and batch_size >= 1),
+            batch_size is None or (_is_int(batch_size) and batch_size >= 1),
             f"batch_size must be an int >= 1 or None, got {batch_size!r}",
         )
-        _require(timeout is None or timeout > 0, f"timeout must be positive seconds or None, got {timeout!r}")
+        _require(
+            seed is None or (_is_int(seed) and seed >= 0), f"seed must be an int >= 0 or None, got {seed!r}"
+        )
+        _require(
+            timeout is None or (isinstance(timeout, (int, float)) and timeout > 0),
+            f"timeout must be positive seconds or None, got {timeout!r}",
+        )
         _require(
             start_method in (None, "spawn", "forkserver"),
             f"start_method must be 'spawn' or 'forkserver', got {start_method!r}: forking the consumer "
             "itself ('fork') is not offered, since a process that has loaded TensorFlow can deadlock",
         )
-        self._ordered = ordered
+        self._ordered = bool(ordered)
+        self._ordering = RoundRobin() if self._ordered else FirstReady()
         self._timeout = timeout
         self._depth = depth
-        self._decoder = Decoder()
-        self._releases = _Releases()
-        self._leases: dict[tuple[int, int], weakref.ref] = {}
-        self._closed = False
-        self._broken: BaseException | None = None
+        self._lock = threading.RLock()
+        self._life = _Life()
+        self._releases = Releases()
+        self._leases = Leases(self._releases, depth)
+        self._waiters = threading.local()  # each thread that waits keeps its own poll object
+        self._shutdown_thread: threading.Thread | None = None
         self._epoch = 0
-        self._epoch_taken = False  # whether an iterator already serves the current epoch
+        self._pass = 0  # numbers the iterations; only the newest may take elements
+        self._epoch_taken = False  # whether an iteration already serves the current epoch
         self._peeked: list = []
-        self._cursor = 0
         self._wait_s = 0.0
-        self._copies = 0
         self._started = time.monotonic()
         config = WorkerConfig(
             workers=workers,
@@ -220,7 +208,10 @@ class Feeder:
         except BaseException:
             self._releases.close()
             raise
-        self._finalizer = weakref.finalize(self, _shutdown, self._supervisor, self._releases)
+        self._finalizer = self._arm_finalizer()
+
+    def _arm_finalizer(self) -> weakref.finalize:
+        return weakref.finalize(self, _shutdown, self._life, self._lock, self._supervisor, self._releases)
 
     # -- public face ---------------------------------------------------------------------------------
 
@@ -236,10 +227,14 @@ class Feeder:
     def _iterate(self, copy_below: int = 0) -> Iterator[Any]:
         """`__iter__`, copying records of up to ``copy_below`` bytes out of their slot (`dataset()`)."""
         self._check_usable()
-        if self._epoch_taken:
-            self._start_epoch(self._epoch + 1)
-        self._epoch_taken = True
-        return self._serve(self._epoch, copy_below)
+        with self._lock:
+            self._check_usable()
+            with self._guard("starting an epoch"):
+                if self._epoch_taken:
+                    self._start_epoch(self._epoch + 1)
+                self._epoch_taken = True
+                self._pass += 1
+            return self._serve(self._pass, copy_below)
 
     def dataset(self, output_signature: Any = None, *, chunk_size: int | None = None):
         """A `tf.data.Dataset` over this feeder; each pass over it is one epoch.
@@ -251,12 +246,12 @@ class Feeder:
         return feeder_dataset(self, output_signature, chunk_size)
 
     def stats(self) -> FeederStats:
-        """Counters since the feeder started: throughput, waiting, overflow, copies, per-worker use."""
+        """Counters since the feeder started: throughput, waiting, overflow, copies, per-worker use.
+
+        Safe from any thread at any time: it reads snapshots, never a pipe."""
         elapsed = max(time.monotonic() - self._started, 1e-9)
-        released = list(self._releases.slots)  # views already dead, their credits not yet sent
         workers = tuple(
-            _worker_stats(handle, sum(1 for index, _ in released if index == handle.index))
-            for handle in self._supervisor.handles
+            _worker_stats(handle, self._releases.pending(handle.index)) for handle in self._supervisor.handles
         )
         items = sum(w.items for w in workers)
         nbytes = sum(w.bytes for w in workers)
@@ -268,17 +263,26 @@ class Feeder:
             bytes_per_s=nbytes / elapsed,
             wait_s=self._wait_s,
             overflow=self._supervisor.overflow,
-            copies=self._copies,
+            copies=self._leases.copies,
             epoch=self._epoch,
             shm_bytes=sum(w.slot_bytes * self._depth for w in workers),
             workers=workers,
         )
 
     def close(self) -> None:
-        """Stop the workers and release every segment. Views already handed out stay valid. Idempotent."""
-        self._closed = True
-        self._leases.clear()
-        self._finalizer()
+        """Stop the workers and release every segment. Views already handed out stay valid. Idempotent,
+        and safe from any thread: an iteration in progress elsewhere gets `ClosedError`."""
+        self._life.closed = True
+        self._releases.wake()  # a thread waiting for workers returns, and sees it
+        thread = self._shutdown_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(_SHUTDOWN_JOIN_S)
+        try:
+            self._finalizer()
+            self._supervisor.close()  # finishes a shutdown that an exception interrupted
+        except BaseException:
+            self._finalizer = self._arm_finalizer()
+            raise
 
     def __enter__(self) -> Feeder:
         return self
@@ -287,18 +291,15 @@ class Feeder:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "broken" if self._broken else f"epoch {self._epoch}"
+        life = self._life
+        state = "closed" if life.closed else "broken" if life.broken else f"epoch {self._epoch}"
         return f"<mpfeed.Feeder workers={self.workers} depth={self._depth} {state}>"
 
     # -- epochs --------------------------------------------------------------------------------------
 
-    def _serve(self, epoch: int, copy_below: int) -> Iterator[Any]:
+    def _serve(self, serial: int, copy_below: int) -> Iterator[Any]:
         while True:
-            if epoch != self._epoch:
-                raise RuntimeError(
-                    "this iteration of the feeder was superseded: a newer iteration started the next epoch"
-                )
-            element = self._peeked.pop() if self._peeked else self._next_element(copy_below)
+            element = self._next(serial, copy_below)
             if element is _EPOCH_END:
                 return
             yield element
@@ -307,17 +308,25 @@ class Feeder:
         self._peeked.clear()
         self._epoch = number
         self._epoch_taken = False
-        self._cursor = 0
-        self._apply_releases()
+        self._ordering.reset()
+        self._leases.collect(self._supervisor)
         self._supervisor.start_epoch(number)
 
     def _peek(self) -> Any:
-        """The first element of a fresh epoch, kept to be served first (for signature inference)."""
+        """The first element of a fresh epoch, kept to be served first (for signature inference). Only a
+        failure that stands in the way of that element is raised here; others surface while iterating."""
         self._check_usable()
-        if self._epoch_taken:
-            self._start_epoch(self._epoch + 1)
+        with self._lock:
+            self._check_usable()
+            with self._guard("starting an epoch"):
+                if self._epoch_taken:
+                    self._start_epoch(self._epoch + 1)
+            serial = self._pass  # a peek belongs to no iteration, but a new iteration must not lose it
         if not self._peeked:
-            self._peeked.append(self._next_element())
+            element = self._next(serial, 0, strict=False, peeking=True)
+            with self._lock:
+                if not self._epoch_taken and not self._peeked:
+                    self._peeked.append(element)
         if self._peeked[-1] is _EPOCH_END:
             raise ValueError(
                 "the source produced no elements, so there is nothing to infer a signature from: "
@@ -327,85 +336,70 @@ class Feeder:
 
     # -- the consumer's loop -------------------------------------------------------------------------
 
-    def _next_element(self, copy_below: int = 0) -> Any:
-        started = time.monotonic()
-        try:
-            while True:
+    def _next(self, serial: int, copy_below: int, strict: bool = True, peeking: bool = False) -> Any:
+        """The next element of iteration ``serial`` (or `_EPOCH_END`). Holds the lock while it reads pipes
+        and hands out views; waits for workers without it."""
+        since = time.monotonic()
+        idle = False  # whether the last wait ended with nothing to read
+        while True:
+            self._check_usable()
+            with self._lock:
                 self._check_usable()
-                self._apply_releases()
-                handle, message = self._take()
-                if handle is None:
-                    return _EPOCH_END
-                if message is not None:
-                    return self._open(handle, message, copy_below)
-                self._wait(handle, started)
-        except (WorkerError, ShmSpaceError) as error:
-            self._break(error)
-            raise
+                if serial != self._pass:
+                    raise SupersededError(_SUPERSEDED)
+                if self._peeked and not peeking:
+                    return self._peeked.pop()
+                with self._guard("taking an element"):
+                    if idle:
+                        self._supervisor.check_processes()
+                    awaited, element = self._step(copy_below, strict)
+                    if awaited is None:
+                        return element
+                    self._supervisor.flush_credits()
+                    slice_s = _WAIT_SLICE_S
+                    if self._timeout is not None:
+                        slice_s = min(slice_s, self._timeout - (time.monotonic() - since))
+                        if slice_s <= 0:
+                            raise self._timed_out(awaited)
+                    version, fds = self._supervisor.version, self._supervisor.watched()
+            idle = not self._wait(version, fds, slice_s)
 
-    def _take(self) -> tuple[WorkerHandle | None, bytes | None]:
-        """The next record by the ordering rule: ``(handle, message)``; ``(handle, None)`` when we must
-        wait for ``handle`` (ordered) or for anyone (unordered, ``handle`` is any unfinished worker);
-        ``(None, None)`` at the end of the epoch. Raises a worker's failure where the order meets it, or
-        as soon as the consumer would have to wait."""
-        handles = self._supervisor.handles
-        count = len(handles)
-        waiting_for = None
-        for step in range(count):
-            handle = handles[(self._cursor + step) % count]
-            inbox = handle.inbox
-            while inbox and isinstance(inbox[0], bytes) and inbox[0][:1] == protocol.END:
-                inbox.popleft()
-                handle.ended = True
-            if inbox and not isinstance(inbox[0], bytes):
-                raise self._supervisor.error(handle, inbox[0])
-            if handle.ended:
-                continue
-            if inbox:
-                self._cursor = (handle.index + 1) % count
-                return handle, inbox.popleft()
-            if self._ordered:
-                self._cursor = handle.index
-                waiting_for = handle
-                break
-            waiting_for = waiting_for or handle
-        if waiting_for is not None:
-            # Deliver what is ready, but never wait once a worker has failed.
-            for handle in handles:
-                if handle.inbox and not isinstance(handle.inbox[-1], bytes):
-                    raise self._supervisor.error(handle, handle.inbox[-1])
-        return waiting_for, None
-
-    def _wait(self, awaited: WorkerHandle, since: float) -> None:
-        """Wait for any news: a worker's message or death, or a released slot. ``since`` is when the
-        consumer started waiting for this element (for ``timeout``)."""
+    def _step(self, copy_below: int, strict: bool) -> tuple[WorkerHandle | None, Any]:
+        """Take the next element if one is ready: ``(None, element)``, ``(None, _EPOCH_END)``, or
+        ``(handle, None)`` when the consumer must wait (for ``handle``, when ordered)."""
         supervisor = self._supervisor
-        supervisor.flush_credits()
+        self._leases.collect(supervisor)
+        handle, record = self._ordering.take(supervisor, strict)
+        if record is None and handle is not None:
+            supervisor.read_all()  # whatever has arrived since
+            handle, record = self._ordering.take(supervisor, strict)
+        if record is not None:
+            return None, self._leases.open(supervisor, handle, record, copy_below)
+        if handle is None:
+            return None, _EPOCH_END
+        return handle, None
+
+    def _wait(self, version: int, fds: list[int], seconds: float) -> bool:
+        """Wait (without the lock) until a pipe has news, a view died or someone wakes us; False when the
+        time ran out with nothing."""
+        waiter = self._waiters
+        if getattr(waiter, "version", None) != version or getattr(waiter, "owner", None) is not self:
+            waiter.poll = select.poll()
+            for fd in [*fds, self._releases.reader.fileno()]:
+                waiter.poll.register(fd, select.POLLIN)
+            waiter.version, waiter.owner = version, self
         started = time.monotonic()
-        self._releases.waiting = True
+        releases = self._releases
+        releases.waiting = True
         try:
-            while True:
-                if self._releases.slots:  # a release came before (or instead of) its wake-up byte
-                    return
-                self._check_usable()
-                slice_s = _WAIT_SLICE_S
-                if self._timeout is not None:
-                    slice_s = min(slice_s, self._timeout - (time.monotonic() - since))
-                    if slice_s <= 0:
-                        raise self._timed_out(awaited)
-                ready = supervisor.wait([self._releases.reader], slice_s)
-                if self._releases.reader in ready:
-                    self._releases.clear_wakeups()
-                if ready:
-                    return
-                exited = [h for h in supervisor.handles if not h.gone and h.process.poll() is not None]
-                for handle in exited:
-                    supervisor.read(handle)  # its last words first
-                    supervisor.mark_exited(handle)
-                if exited:
-                    return
+            if releases.slots or self._life.closed:  # a release came before (or instead of) its wake-up
+                return True
+            ready = waiter.poll.poll(max(0, int(seconds * 1000 + 0.999)))
+            if ready:
+                releases.clear_wakeups()
+            return bool(ready)
         finally:
-            self._releases.waiting = False
+            releases.waiting = False
             self._wait_s += time.monotonic() - started
 
     def _timed_out(self, awaited: WorkerHandle) -> WorkerTimeoutError:
@@ -422,85 +416,83 @@ class Feeder:
             epoch=self._epoch,
         )
 
-    def _open(self, handle: WorkerHandle, message: bytes, copy_below: int) -> Any:
-        """Decode one record into the element the user gets."""
-        if message[:1] == protocol.INLINE:
-            base = _readonly_copy(memoryview(message)[protocol.INLINE_HEADER :])
-            element, _, count, nbytes = self._decoder.decode(base)
-            self._supervisor.release(handle, message)
-        else:
-            slot = protocol.read_filled(message)[0]
-            base = handle.ring.slot_view(slot)
-            record_bytes = Decoder.header(base)[5]
-            # When every other slot of this ring is held, copy: otherwise the worker could never write again.
-            ring_full = handle.held >= self._depth - 1
-            copied = ring_full or record_bytes <= copy_below
-            if copied:
-                base = _readonly_copy(base[:record_bytes])
-                self._copies += ring_full
-            element, views, count, nbytes = self._decoder.decode(base)
-            if views and not copied:
-                key = (handle.index, slot)
-                self._leases[key] = weakref.ref(base, _release_callback(self._releases, key))
-                handle.held += 1
-            else:
-                self._supervisor.credit(handle, slot)
-        delivered = count or 1
-        handle.items += delivered
-        handle.bytes += nbytes
-        return element
-
-    def _apply_releases(self) -> None:
-        slots = self._releases.slots
-        handles = self._supervisor.handles
-        while slots:
-            key = slots.popleft()
-            if self._leases.pop(key, None) is None:
-                continue
-            handle = handles[key[0]]
-            handle.held -= 1
-            self._supervisor.credit(handle, key[1])
-
     # -- state ---------------------------------------------------------------------------------------
 
     def _check_usable(self) -> None:
-        if self._broken is not None:
+        life = self._life
+        if life.broken is not None:
             # The same error each time, without the frames of earlier raises (they would pin memory).
-            raise self._broken.with_traceback(None)
-        if self._closed:
+            raise life.broken.with_traceback(None)
+        if life.closed:
             raise ClosedError("the feeder is closed")
 
+    @contextlib.contextmanager
+    def _guard(self, doing: str) -> Iterator[None]:
+        """Run a state change: a worker's failure breaks the feeder; so does any other exception that
+        escapes from its middle (a Ctrl-C), since the state may then be half changed."""
+        try:
+            yield
+        except (WorkerError, ShmSpaceError) as error:
+            self._break(error)
+            raise
+        except BaseException as error:
+            if self._life.closed:
+                raise  # closed meanwhile: the ClosedError, not a broken state, is the news
+            self._break(
+                BrokenError(
+                    f"the feeder was interrupted by {type(error).__name__} while {doing}, so its state can "
+                    "no longer be trusted; it stopped its workers. Create a new Feeder to go on"
+                )
+            )
+            raise
+
     def _break(self, error: BaseException) -> None:
-        """Broken stays broken: remember the error, stop the other workers, release every segment."""
-        self._broken = error
-        self._leases.clear()
-        self._finalizer()
+        """Broken stays broken: remember the error, and stop the workers and release every segment in the
+        background, so the error reaches the user now rather than after the shutdown's grace periods."""
+        if self._life.broken is not None:
+            return
+        self._life.broken = error
+        self._leases.forget()
+        self._releases.wake()
+        self._shutdown_thread = threading.Thread(target=self._finalizer, name="mpfeed-shutdown", daemon=True)
+        self._shutdown_thread.start()
 
 
-def _release_callback(releases: _Releases, key: tuple[int, int]) -> Callable[[Any], None]:
-    def release(_weakref: Any) -> None:
-        releases.put(key)
+class _Life:
+    """Whether the feeder was closed or broken: shared with its finalizer and read without the lock."""
 
-    return release
+    __slots__ = ("closed", "broken")
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.broken: BaseException | None = None
 
 
-def _readonly_copy(data) -> np.ndarray:
-    """A 64-byte-aligned copy of a record that stays read-only, like views of a slot."""
-    raw = np.empty(len(data) + 64, dtype=np.uint8)
-    start = -raw.ctypes.data % 64
-    copy = raw[start : start + len(data)]
-    copy[:] = np.frombuffer(data, dtype=np.uint8)
-    return np.frombuffer(memoryview(copy).toreadonly(), dtype=np.uint8)
+def _shutdown(life: _Life, lock: threading.RLock, supervisor: Supervisor, releases: Releases) -> None:
+    """Stop the workers and release everything, once the thread that may be taking an element lets go of
+    the lock (it does within a wait slice, since it sees ``closed``)."""
+    if life.broken is None:
+        life.closed = True
+    releases.wake()
+    acquired = lock.acquire(timeout=_LOCK_WAIT_S)
+    try:
+        supervisor.close()
+    finally:
+        releases.close()
+        if acquired:
+            lock.release()
 
 
 def _worker_stats(handle: WorkerHandle, released: int) -> WorkerStats:
-    alive = handle.process.poll() is None
+    alive = not handle.gone
     cpu_s, rss = 0.0, 0
     if alive:
         try:
             process = psutil.Process(handle.pid)
-            times = process.cpu_times()
-            cpu_s, rss = times.user + times.system, process.memory_info().rss
+            with process.oneshot():
+                alive = process.status() != psutil.STATUS_ZOMBIE
+                times = process.cpu_times()
+                cpu_s, rss = times.user + times.system, process.memory_info().rss
         except psutil.Error:
             alive = False
     return WorkerStats(
@@ -532,6 +524,10 @@ def _check_call(source: Callable[..., Any], args: tuple, kwargs: dict[str, Any] 
             f"mpfeed calls source(*args, shard=Shard, **kwargs) in every worker, but {name}{signature} "
             f"does not take that: {error}"
         ) from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _require(condition: bool, message: str) -> None:

@@ -119,8 +119,8 @@ def describe_leaf(leaf: Any) -> tuple[int, str, int]:
         return STR, "", 0
     if isinstance(leaf, np.generic) and not leaf.dtype.hasobject:
         return NPSCALAR, dtype_to_descr(leaf.dtype), 0
-    if kind.__module__ == "mpfeed.spawn":  # a TensorFlow stand-in: its repr says why
-        raise TypeError(f"is {leaf!r}")
+    if kind.__module__ == "mpfeed.tfguard":  # a TensorFlow stand-in: its repr says why
+        raise TypeError(f"is {leaf!r}; TensorFlow cannot run in mpfeed workers")
     raise TypeError(f"is a {kind.__module__}.{kind.__qualname__}; mpfeed carries {_SUPPORTED}")
 
 

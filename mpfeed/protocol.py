@@ -10,19 +10,27 @@ Worker to consumer, in the order they happen (one pipe per worker keeps them ord
                                        slot's credit, so the consumer never queues more than a ring's worth)
     END      epoch u32, count u64      the shard's epoch is over after ``count`` elements
     ATTACHED                           the worker mapped its ring; the name can go
-    FAILED   pickled dict              the source raised, or an element was refused; the worker exits
+    FAILED   pickled Failure           the source raised, or an element was refused; the worker exits
 
 Consumer to worker:
     CREDIT   slot u32 ...              these slots are free again
-    RING     pickled (name, depth, slot_bytes)
+    RING     pickled RingSpec          the ring to attach (a memfd ring's fd follows as SCM_RIGHTS)
     EPOCH    epoch u32                 start (or restart at) this epoch
     STOP                               close the source and exit
+
+Consumer to fork server:  FORK + pickled WorkerSetup, then the worker's pipe end as an SCM_RIGHTS fd
+Fork server to consumer:  PID pid u32 (one per FORK, in order); EXITED pid u32, exit code i32 (as
+                          workers end); FAILED pickled Failure (the server could not start)
+
+The consumer reads every pipe through `mpfeed.channel` (never blocking); the other ends use
+`multiprocessing.connection.Connection`, whose framing the channel speaks.
 """
 
 from __future__ import annotations
 
 import select
 import struct
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 FILLED, INLINE, END, ATTACHED, FAILED = b"F", b"I", b"E", b"A", b"X"
@@ -33,6 +41,67 @@ _FILLED = struct.Struct("<IIQ")
 _END = struct.Struct("<IQ")
 _INLINE = struct.Struct("<IQI")
 NO_SLOT = 0xFFFFFFFF
+FORK, PID, EXITED = b"K", b"P", b"Q"
+_PID = struct.Struct("<I")
+_EXIT = struct.Struct("<Ii")
+
+
+@dataclass(frozen=True)
+class RingSpec:
+    """Where a worker's ring is: a named POSIX segment (``name``) or a memfd sent beside the message."""
+
+    kind: str  # "posix" or "memfd"
+    name: str
+    depth: int
+    slot_bytes: int
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """Everything one worker is told at start, besides the pickled source."""
+
+    index: int
+    count: int
+    seed: int
+    depth: int
+    batch_size: int | None
+    drop_remainder: bool
+    ring: RingSpec | None
+    parent_pid: int  # the process that started it: the consumer, or the fork server (set there)
+    consumer_pid: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a worker (or the fork server) is about to exit, as it tells the consumer.
+
+    ``where`` is "start" (importing or unpickling the work), "source" (the user's source raised),
+    "element" (an element mpfeed cannot carry) or "worker" (mpfeed's own worker code failed)."""
+
+    where: str
+    type: str
+    message: str
+    traceback: str
+    element: int | None
+    epoch: int
+    exit_code: int | None  # the code of a SystemExit the source raised
+
+
+def pid(number: int) -> bytes:
+    return PID + _PID.pack(number)
+
+
+def read_pid(message: bytes) -> int:
+    return _PID.unpack_from(message, 1)[0]
+
+
+def exited(number: int, exit_code: int) -> bytes:
+    return EXITED + _EXIT.pack(number, exit_code)
+
+
+def read_exited(message: bytes) -> tuple[int, int]:
+    """``(pid, exit_code)``."""
+    return _EXIT.unpack_from(message, 1)
 
 
 def filled(slot: int, epoch: int, produced: int) -> bytes:

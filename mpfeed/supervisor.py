@@ -1,69 +1,61 @@
-"""Start, watch and stop the worker processes; own their rings; turn their failures into errors.
+"""Start, watch and stop the worker processes; own their pipes and rings; turn what they say into typed
+inbox entries (`Record`, `End`, a `WorkerError`, `Exited`) and their failures into errors.
 
-The supervisor is the mechanism under `Feeder`: it knows processes, pipes and segments, never arrays.
-One poll object covers every worker's pipe and the consumer's wake-up socket; a worker that dies closes
-its pipe, so its death wakes that wait at once.
+The supervisor is the mechanism under `Feeder`: it knows processes, pipes and segments, never arrays. It
+has one owner (the feeder, under its lock): nothing here is thread-safe, and nothing here blocks without a
+deadline. Reads never block (`mpfeed.channel`); a worker that dies closes its pipe, which wakes the
+consumer's wait at once.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import select
-import subprocess
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from . import protocol, spawn
+from . import launcher, protocol
+from .channel import Channel
 from .errors import ElementError, SourceError, WorkerDiedError, WorkerError, describe_exit
-from .forkserver import ForkServer
+from .process import Process
 from .ring import Ring, check_shm_space, slot_size_for
 
 _STOP_GRACE_S = 2.0  # for workers to finish the element in hand and exit on STOP
 _TERMINATE_GRACE_S = 1.0  # after SIGTERM, before SIGKILL
-_EXIT_STATUS_WAIT_S = 5.0  # for a worker whose pipe closed to be reaped
+_KILL_WAIT_S = 5.0  # after SIGKILL, for the kernel to end it
+_EXIT_CODE_WAIT_S = 2.0  # for the exit code of a worker whose pipe closed
+_DRAIN_SLICE_S = 0.02
 
 
-@dataclass(eq=False)
-class WorkerHandle:
-    """The consumer's view of one worker: its process, pipe, ring and the records it has announced."""
+@dataclass(slots=True)
+class Record:
+    """Inbox entry: a record of the current epoch, in a ring slot or carried in the pipe (``inline``)."""
 
-    index: int
-    process: subprocess.Popen
-    connection: Connection
-    ring: Ring | None
-    # Messages of the current epoch, oldest first; a worker's failure or exit is queued as its last entry
-    # (a WorkerError, or an `Exited`), so the consumer meets it exactly where that worker's next element
-    # would have been, after everything it delivered before.
-    inbox: deque = field(default_factory=deque)
-    gone: bool = False  # failed or exited: its pipe is done with
-    ended: bool = False  # this epoch's END has been taken from the inbox
-    produced: int = 0  # elements it announced in the current epoch (delivered or queued)
-    items: int = 0  # elements delivered over the feeder's life
-    bytes: int = 0
-    held: int = 0  # slots whose views the user still holds
-    credits: list = field(default_factory=list)  # freed slots not yet sent back
+    produced: int  # the shard's elements up to and including this record
+    slot: int | None  # the ring slot it holds (an inline record may hold one too, for the credit)
+    inline: Any = None  # memoryview of the record's bytes, for a record that came through the pipe
 
-    def __post_init__(self) -> None:
-        self.readable = protocol.Readable(self.connection)
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
+@dataclass(frozen=True)
+class End:
+    """Inbox entry: the worker's shard of the epoch ended after ``count`` elements."""
+
+    count: int
 
 
 @dataclass(frozen=True)
 class Exited:
-    """Inbox entry: the worker's process ended with this exit code (None: could not be reaped)."""
+    """Inbox entry: the worker's process ended with this exit code (None: unknown)."""
 
     exitcode: int | None
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
+    """The feeder's options that shape its workers."""
+
     workers: int
     depth: int
     slot_bytes: int | None
@@ -71,6 +63,36 @@ class WorkerConfig:
     drop_remainder: bool
     seed: int
     start_method: str
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    """The consumer's view of one worker: its process, pipe, ring and the entries it has sent."""
+
+    index: int
+    process: Process
+    channel: Channel
+    ring: Ring | None
+    # Entries of the current epoch, oldest first; a worker's failure or exit is its last entry, so the
+    # consumer meets it exactly where that worker's next element would have been.
+    inbox: deque = field(default_factory=deque)
+    gone: bool = False  # failed or exited: its pipe is done with
+    ended: bool = False  # this epoch's End has been taken from the inbox
+    produced: int = 0  # elements it announced in the current epoch (delivered or queued)
+    items: int = 0  # elements delivered over the feeder's life
+    bytes: int = 0
+    held: int = 0  # slots whose views the user still holds
+    exitcode: int | None = None
+    credits: list = field(default_factory=list)  # freed slots not yet sent back
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def failed(self) -> bool:
+        """Whether its inbox ends in a failure (what comes before it is still delivered)."""
+        return bool(self.inbox) and isinstance(self.inbox[-1], (WorkerError, Exited))
 
 
 class Supervisor:
@@ -81,11 +103,10 @@ class Supervisor:
         self.overflow = 0
         self.closed = False
         self.handles: list[WorkerHandle] = []
-        self.server: ForkServer | None = None
-        self._poller: select.poll | None = None
-        self._polled: dict[int, Any] = {}
-        work = spawn.pickle_work(source, args, kwargs)
-        main_spec = spawn.main_module_spec(work)
+        self.server: launcher.ForkServer | None = None
+        self.version = 0  # changes whenever the set of pipes to watch changes
+        work = launcher.pickle_work(source, args, kwargs)
+        main_spec = launcher.main_module_spec(work)
         rings: list[Ring | None] = [None] * config.workers
         try:
             if config.slot_bytes is not None:
@@ -93,27 +114,28 @@ class Supervisor:
                 check_shm_space(total, total, config.workers, config.depth, config.slot_bytes)
                 for index in range(config.workers):  # one at a time, so a failure closes those made
                     rings[index] = Ring.create(config.depth, config.slot_bytes, workers=config.workers)
-            configs = [
-                {
-                    "index": index,
-                    "count": config.workers,
-                    "seed": config.seed,
-                    "depth": config.depth,
-                    "batch_size": config.batch_size,
-                    "drop_remainder": config.drop_remainder,
-                    "ring": None if ring is None else (ring.name, ring.depth, ring.slot_bytes),
-                    "parent_pid": os.getpid(),
-                    "consumer_pid": os.getpid(),
-                }
+            setups = [
+                protocol.WorkerSetup(
+                    index=index,
+                    count=config.workers,
+                    seed=config.seed,
+                    depth=config.depth,
+                    batch_size=config.batch_size,
+                    drop_remainder=config.drop_remainder,
+                    ring=None if ring is None else _spec(ring),
+                    parent_pid=os.getpid(),
+                    consumer_pid=os.getpid(),
+                )
                 for index, ring in enumerate(rings)
             ]
             if config.start_method == "forkserver":
-                self.server = ForkServer(work, main_spec)
-                started = self.server.fork_all(configs)
+                self.server = launcher.ForkServer(work, main_spec)
+                for index, (process, channel) in enumerate(self.server.fork_all(setups)):
+                    self.handles.append(WorkerHandle(index, process, channel, rings[index]))
             else:
-                started = [spawn.launch(work, main_spec, worker_config) for worker_config in configs]
-            for index, (process, connection) in enumerate(started):
-                self.handles.append(WorkerHandle(index, process, connection, rings[index]))
+                for index, setup in enumerate(setups):
+                    process, channel = launcher.launch(work, main_spec, setup)
+                    self.handles.append(WorkerHandle(index, process, channel, rings[index]))
         except BaseException:
             for ring in rings[len(self.handles) :]:
                 if ring is not None:
@@ -124,31 +146,27 @@ class Supervisor:
     # -- epochs --------------------------------------------------------------------------------------
 
     def start_epoch(self, number: int) -> None:
-        """Ask every worker for epoch ``number`` (they start epoch 0 by themselves)."""
+        """Ask every worker for epoch ``number`` (they start epoch 0 by themselves); records still queued
+        from the old epoch give their slots back."""
         self.epoch = number
         for handle in self.handles:
             handle.ended = False
             handle.produced = 0
-            if handle.gone:  # keep its failure: the new epoch meets it
-                while handle.inbox and isinstance(handle.inbox[0], bytes):
-                    handle.inbox.popleft()
-                continue
-            for message in handle.inbox:
-                self.release(handle, message)
+            failure = handle.inbox[-1] if handle.failed else None
+            for entry in handle.inbox:
+                if isinstance(entry, Record):
+                    self.release(handle, entry)
             handle.inbox.clear()
-            if number > 0:
+            if failure is not None:  # keep it: the new epoch meets it
+                handle.inbox.append(failure)
+            elif not handle.gone and number > 0:
                 self._send(handle, protocol.epoch(number))
         self.flush_credits()
 
-    def release(self, handle: WorkerHandle, message: bytes) -> None:
-        """Give back the slot credit a FILLED or INLINE message holds, if any."""
-        tag = message[:1]
-        if tag == protocol.FILLED:
-            self.credit(handle, protocol.read_filled(message)[0])
-        elif tag == protocol.INLINE:
-            slot = protocol.read_inline(message)[2]
-            if slot != protocol.NO_SLOT:
-                self.credit(handle, slot)
+    def release(self, handle: WorkerHandle, record: Record) -> None:
+        """Give back the slot credit a record holds, if any."""
+        if record.slot is not None:
+            self.credit(handle, record.slot)
 
     def credit(self, handle: WorkerHandle, slot: int) -> None:
         """Give a slot back to its worker. Credits go in batches of half a ring: each message wakes the
@@ -166,77 +184,85 @@ class Supervisor:
                 handle.credits.clear()
 
     def _send(self, handle: WorkerHandle, message: bytes) -> None:
-        try:
-            handle.connection.send_bytes(message)
-        except OSError:
-            pass  # the worker is gone; reading its pipe reports how
+        if not handle.gone:
+            handle.channel.send(message)  # a worker that is gone is reported by its pipe and process
 
     # -- watching ------------------------------------------------------------------------------------
 
-    def wait(self, extra: list, timeout: float | None) -> list:
-        """Wait until a worker says something (or dies) or an ``extra`` object is ready; read every worker
-        that spoke into its inbox. Returns what was ready: workers' handles and ``extra`` objects."""
-        if self._poller is None:
-            # One poll object for the feeder's life: building a selector per wait cost more than the wait.
-            self._poller = select.poll()
-            self._polled = {}
-            for item in [*(h for h in self.handles if not h.gone), *extra]:
-                fd = item.connection.fileno() if isinstance(item, WorkerHandle) else item.fileno()
-                self._poller.register(fd, select.POLLIN)
-                self._polled[fd] = item
-        milliseconds = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
-        ready = [self._polled[fd] for fd, _ in self._poller.poll(milliseconds)]
-        for item in ready:
-            if isinstance(item, WorkerHandle):
-                self.read(item)
-        return ready
-
-    def _forget(self, handle: WorkerHandle) -> None:
-        """The worker failed or exited: stop polling its pipe (a closed pipe is always readable)."""
-        handle.gone = True
-        if self._poller is not None:
-            fd = handle.connection.fileno()
-            if self._polled.pop(fd, None) is not None:
-                self._poller.unregister(fd)
+    def watched(self) -> list[int]:
+        """The file descriptors whose readiness means news: live workers' pipes and the fork server's."""
+        fds = [h.channel.fileno() for h in self.handles if not h.gone]
+        if self.server is not None and not self.server.gone:
+            fds.append(self.server.channel.fileno())
+        return fds
 
     def read(self, handle: WorkerHandle) -> None:
-        """Take every message waiting in a worker's pipe; queue its failure or exit when that comes."""
-        connection = handle.connection
-        while not handle.gone:
-            try:
-                if not handle.readable():
-                    return
-                message = connection.recv_bytes()
-            except (EOFError, OSError):
-                self.mark_exited(handle)
-                return
+        """Take every message that has arrived from a worker; queue its failure or exit when that comes."""
+        if handle.gone:
+            return
+        for message in handle.channel.receive():
             self._dispatch(handle, message)
+            if handle.gone:
+                return
+        if handle.channel.eof:
+            self.mark_exited(handle)
+
+    def read_all(self) -> None:
+        for handle in self.handles:
+            self.read(handle)
+        if self.server is not None and not self.server.gone:
+            self.server.read()
+            if self.server.gone:
+                self.version += 1
+
+    def check_processes(self) -> None:
+        """Workers whose process ended while their pipe stays open (a child of the source may hold it)."""
+        for handle in self.handles:
+            if not handle.gone and handle.process.exited():
+                self.read(handle)  # its last words first
+                self.mark_exited(handle)
 
     def mark_exited(self, handle: WorkerHandle) -> None:
         """The worker's process ended (its pipe closed, or it is seen dead): queue that, once."""
-        if not handle.gone:
-            self._forget(handle)
-            try:
-                exitcode = handle.process.wait(_EXIT_STATUS_WAIT_S)
-            except subprocess.TimeoutExpired:
-                exitcode = None
-            handle.inbox.append(Exited(exitcode))
+        if handle.gone:
+            return
+        self._forget(handle)
+        handle.exitcode = self._exit_code(handle.process)
+        handle.inbox.append(Exited(handle.exitcode))
+
+    def _exit_code(self, process: Process) -> int | None:
+        """The exit code, waiting a little for the process to end and (for a forked worker) for the fork
+        server to report it; None if it does not come."""
+        deadline = time.monotonic() + _EXIT_CODE_WAIT_S
+        process.wait(_EXIT_CODE_WAIT_S)
+        while process.exit_code() is None and self.server is not None and not self.server.gone:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self.server.read(min(remaining, _DRAIN_SLICE_S))
+        return process.exit_code()
+
+    def _forget(self, handle: WorkerHandle) -> None:
+        handle.gone = True
+        self.version += 1
 
     def _dispatch(self, handle: WorkerHandle, message: bytes) -> None:
         tag = message[:1]
         if tag == protocol.FILLED:
-            _, epoch, produced = protocol.read_filled(message)
-            self._queue_record(handle, message, epoch, produced)
+            slot, epoch, produced = protocol.read_filled(message)
+            self._queue(handle, epoch, Record(produced, slot))
         elif tag == protocol.INLINE:
+            epoch, produced, slot = protocol.read_inline(message)
             if handle.ring is None:
                 self._create_ring(handle, len(message) - protocol.INLINE_HEADER)
-            else:
+            if slot != protocol.NO_SLOT:  # a record too big for its slot (the first one only sizes the ring)
                 self.overflow += 1
-            epoch, produced, _ = protocol.read_inline(message)
-            self._queue_record(handle, message, epoch, produced)
+            inline = memoryview(message)[protocol.INLINE_HEADER :]
+            self._queue(handle, epoch, Record(produced, None if slot == protocol.NO_SLOT else slot, inline))
         elif tag == protocol.END:
-            if protocol.read_end(message)[0] == self.epoch:
-                handle.inbox.append(message)
+            epoch, count = protocol.read_end(message)
+            if epoch == self.epoch:
+                handle.inbox.append(End(count))
         elif tag == protocol.ATTACHED:
             if handle.ring is not None:
                 handle.ring.unlink()
@@ -244,53 +270,56 @@ class Supervisor:
             self._forget(handle)
             handle.inbox.append(self._failure(handle, pickle.loads(message[1:])))
 
-    def _queue_record(self, handle: WorkerHandle, message: bytes, epoch: int, produced: int) -> None:
+    def _queue(self, handle: WorkerHandle, epoch: int, record: Record) -> None:
         """Queue a record of the current epoch; give back the slot of one from an abandoned epoch."""
         if epoch == self.epoch:
-            handle.inbox.append(message)
-            handle.produced = produced
+            handle.inbox.append(record)
+            handle.produced = record.produced
         else:
-            self.release(handle, message)
+            self.release(handle, record)
 
     def _create_ring(self, handle: WorkerHandle, record_bytes: int) -> None:
         slot_bytes = slot_size_for(record_bytes)
         handle.ring = Ring.create(self.config.depth, slot_bytes, workers=self.config.workers)
-        self._send(handle, protocol.RING + pickle.dumps((handle.ring.name, handle.ring.depth, slot_bytes)))
+        self._send(handle, protocol.RING + pickle.dumps(_spec(handle.ring)))
 
     # -- failures ------------------------------------------------------------------------------------
 
-    def _who(self, handle: WorkerHandle) -> str:
-        return f"worker {handle.index} (pid {handle.pid})"
-
-    def _failure(self, handle: WorkerHandle, info: dict) -> WorkerError:
-        where = f"while producing element {info['element']} of its shard (epoch {info['epoch']})"
-        details = dict(worker=handle.index, pid=handle.pid, element=info["element"], epoch=info["epoch"])
-        if info["where"] == "element":
-            return ElementError(
-                f"{self._who(handle)} produced a bad element {where}: {info['message']}", **details
-            )
-        if info["exit_code"] is not None or info["type"] == "SystemExit":
+    def _failure(self, handle: WorkerHandle, failure: protocol.Failure) -> WorkerError:
+        who = f"worker {handle.index} (pid {handle.pid})"
+        where = f"while producing element {failure.element} of its shard (epoch {failure.epoch})"
+        details = dict(worker=handle.index, pid=handle.pid, element=failure.element, epoch=failure.epoch)
+        trace = f"\n\nWorker traceback:\n{failure.traceback}"
+        if failure.where == "element":
+            return ElementError(f"{who} produced a bad element {where}: {failure.message}", **details)
+        if failure.type == "SystemExit":
             error = WorkerDiedError(
-                f"{self._who(handle)} exited with code {info['exit_code']}: the source called "
-                f"sys.exit({info['exit_code']!r}) {where}",
+                f"{who} exited with code {failure.exit_code}: the source called "
+                f"sys.exit({failure.exit_code!r}) {where}",
                 **details,
             )
-            error.exitcode = info["exit_code"]
+            error.exitcode = failure.exit_code
             return error
-        if info["where"] == "start":
+        if failure.where == "start":
             return WorkerError(
-                f"{self._who(handle)} could not start: {info['type']}: {info['message']}\n\n"
-                f"Worker traceback:\n{info['traceback']}",
-                remote_traceback=info["traceback"],
+                f"{who} could not start: {failure.type}: {failure.message}{trace}",
+                remote_traceback=failure.traceback,
+                **details,
+            )
+        if failure.where == "worker":
+            return WorkerError(
+                f"{who} failed in mpfeed's own worker code, not in your source: {failure.type}: "
+                f"{failure.message} (epoch {failure.epoch}). This is a bug in mpfeed; please report it "
+                f"with this traceback.{trace}",
+                remote_traceback=failure.traceback,
                 **details,
             )
         error = SourceError(
-            f"{self._who(handle)} raised {info['type']}: {info['message']} {where}\n\n"
-            f"Worker traceback:\n{info['traceback']}",
-            remote_traceback=info["traceback"],
+            f"{who} raised {failure.type}: {failure.message} {where}{trace}",
+            remote_traceback=failure.traceback,
             **details,
         )
-        error.exc_type = info["type"]
+        error.exc_type = failure.type
         return error
 
     def error(self, handle: WorkerHandle, entry: WorkerError | Exited) -> WorkerError:
@@ -298,7 +327,7 @@ class Supervisor:
         if isinstance(entry, WorkerError):
             return entry
         exitcode = entry.exitcode
-        ended = handle.ended or any(isinstance(m, bytes) and m[:1] == protocol.END for m in handle.inbox)
+        ended = handle.ended or any(isinstance(e, End) for e in handle.inbox)
         state = (
             f"after its shard of epoch {self.epoch} ended"
             if ended
@@ -306,10 +335,9 @@ class Supervisor:
         )
         how = describe_exit(exitcode)
         if exitcode is None and self.server is not None and self.server.gone:
-            server_code = self.server.process.poll()
-            how += f": mpfeed's fork server (pid {self.server.process.pid}) {describe_exit(server_code)}"
+            how += f": {self.server.describe()}"
         error = WorkerDiedError(
-            f"{self._who(handle)} {how} {state}",
+            f"worker {handle.index} (pid {handle.pid}) {how} {state}",
             worker=handle.index,
             pid=handle.pid,
             element=None if ended else handle.produced,
@@ -321,45 +349,49 @@ class Supervisor:
     # -- stopping ------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop every worker (STOP, then SIGTERM, then SIGKILL, each with a deadline), reap them, and
-        release every segment. Idempotent."""
+        """Stop every worker (STOP, then SIGTERM, then SIGKILL, each with a deadline; processes already
+        known to have ended get no grace), reap them, and release every segment. Idempotent, and safe to
+        call again after an exception interrupted it."""
         if self.closed:
             return
-        self.closed = True
         for handle in self.handles:
             self._send(handle, protocol.STOP)
-        _wait_all(self.handles, _STOP_GRACE_S)
+        self._wait_all(_STOP_GRACE_S)
+        for handle in self._running():
+            handle.process.terminate()
+        self._wait_all(_TERMINATE_GRACE_S)
+        for handle in self._running():
+            handle.process.kill()
+        self._wait_all(_KILL_WAIT_S)
         for handle in self.handles:
-            if handle.process.poll() is None:
-                handle.process.terminate()
-        _wait_all(self.handles, _TERMINATE_GRACE_S)
-        for handle in self.handles:
-            if handle.process.poll() is None:
-                handle.process.kill()
-            handle.process.wait()
-            handle.connection.close()
+            handle.gone = True
+            handle.channel.close()
             handle.inbox.clear()
+            handle.process.release()
             if handle.ring is not None:
                 handle.ring.close()
         if self.server is not None:
             self.server.close()
+        self.closed = True
+
+    def _running(self) -> list[WorkerHandle]:
+        return [h for h in self.handles if not h.process.exited()]
+
+    def _wait_all(self, seconds: float) -> None:
+        """Wait for the processes to exit, draining their pipes meanwhile: a worker blocked sending a large
+        record could not otherwise read its STOP."""
+        deadline = time.monotonic() + seconds
+        while True:
+            running = self._running()
+            remaining = deadline - time.monotonic()
+            if not running or remaining <= 0:
+                return
+            for handle in running:
+                handle.channel.receive()
+            running[0].process.wait(min(remaining, _DRAIN_SLICE_S))
+            if self.server is not None:
+                self.server.read()
 
 
-def _wait_all(handles: list[WorkerHandle], seconds: float) -> None:
-    """Wait for the processes to exit, draining their pipes meanwhile: a worker blocked sending a large
-    record could not otherwise read its STOP."""
-    deadline = time.monotonic() + seconds
-    while True:
-        running = [h for h in handles if h.process.poll() is None]
-        remaining = deadline - time.monotonic()
-        if not running or remaining <= 0:
-            return
-        readable = []
-        for handle in running:
-            try:
-                while handle.connection.poll(0):
-                    handle.connection.recv_bytes()
-                readable.append(handle.connection)
-            except (EOFError, OSError):
-                pass  # its pipe is closed: the process is on its way out
-        wait(readable, min(remaining, 0.02))
+def _spec(ring: Ring) -> protocol.RingSpec:
+    return protocol.RingSpec("posix", ring.name, ring.depth, ring.slot_bytes)

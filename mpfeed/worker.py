@@ -51,10 +51,10 @@ class _Failed(Exception):
         self.code = code
 
 
-def run(connection: Connection, source: Any, args: tuple, kwargs: dict, config: dict) -> int:
+def run(connection: Connection, source: Any, args: tuple, kwargs: dict, setup: protocol.WorkerSetup) -> int:
     """Produce epochs until stopped; returns the process exit code."""
-    _watch_parent(config["parent_pid"], config["consumer_pid"])
-    return _Worker(connection, source, args, kwargs, config).run()
+    _watch_parent(setup.parent_pid, setup.consumer_pid)
+    return _Worker(connection, source, args, kwargs, setup).run()
 
 
 def _watch_parent(parent_pid: int, consumer_pid: int) -> None:
@@ -88,39 +88,45 @@ def report_failure(
     qualname = (
         kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
     )
-    info = {
-        "where": where,
-        "type": qualname,
-        "message": str(error),
-        "traceback": "".join(traceback.format_exception(kind, error, error.__traceback__)),
-        "element": element,
-        "epoch": epoch,
-        "exit_code": error.code if isinstance(error, SystemExit) else None,
-    }
     try:
-        connection.send_bytes(protocol.FAILED + pickle.dumps(info))
+        message = str(error)
+    except Exception as unprintable:  # an exception whose __str__ itself fails
+        message = f"<{kind.__name__}, which could not be printed: {unprintable!r}>"
+    failure = protocol.Failure(
+        where=where,
+        type=qualname,
+        message=message,
+        traceback="".join(traceback.format_exception(kind, error, error.__traceback__)),
+        element=element,
+        epoch=epoch,
+        exit_code=error.code if isinstance(error, SystemExit) and isinstance(error.code, int) else None,
+    )
+    try:
+        connection.send_bytes(protocol.FAILED + pickle.dumps(failure))
     except OSError:
         pass
 
 
 class _Worker:
-    def __init__(self, connection: Connection, source: Any, args: tuple, kwargs: dict, config: dict) -> None:
+    def __init__(
+        self, connection: Connection, source: Any, args: tuple, kwargs: dict, setup: protocol.WorkerSetup
+    ) -> None:
         self.connection = connection
         self.readable = protocol.Readable(connection)
         self.source = source
         self.args = args
         self.kwargs = kwargs
-        self.index: int = config["index"]
-        self.count: int = config["count"]
-        self.seed: int = config["seed"]
-        self.depth: int = config["depth"]
-        self.batch_size: int | None = config["batch_size"]
-        self.drop_remainder: bool = config["drop_remainder"]
+        self.index = setup.index
+        self.count = setup.count
+        self.seed = setup.seed
+        self.depth = setup.depth
+        self.batch_size = setup.batch_size
+        self.drop_remainder = setup.drop_remainder
         self.ring: Ring | None = None
         self.free: deque[int] = deque()
         self.encoder = Encoder()
-        if config["ring"] is not None:
-            self._attach(*config["ring"])
+        if setup.ring is not None:
+            self._attach(setup.ring)
 
     def run(self) -> int:
         epoch = 0
@@ -239,11 +245,11 @@ class _Worker:
             elif tag == protocol.EPOCH:
                 raise _Restart(protocol.read_epoch(message))
             elif tag == protocol.RING:
-                self._attach(*pickle.loads(message[1:]))
+                self._attach(pickle.loads(message[1:]))
             elif tag == protocol.STOP:
                 raise _Stop
 
-    def _attach(self, name: str, depth: int, slot_bytes: int) -> None:
-        self.ring = Ring.attach(name, depth, slot_bytes)
-        self.free = deque(range(depth))
+    def _attach(self, spec: protocol.RingSpec) -> None:
+        self.ring = Ring.attach(spec.name, spec.depth, spec.slot_bytes)
+        self.free = deque(range(spec.depth))
         self.connection.send_bytes(protocol.ATTACHED)

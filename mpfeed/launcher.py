@@ -1,0 +1,208 @@
+"""The parent's side of starting workers: check that the work pickles, start a fresh interpreter (one per
+worker, or one fork server per feeder that forks them), and hand it what it needs.
+
+We start interpreters with `subprocess` rather than `multiprocessing`: a spawned ``multiprocessing`` child
+re-runs the user's main module, and with it a top-level ``import tensorflow`` (seconds and hundreds of MB
+per worker, and TensorFlow's threads). Our child (`mpfeed.bootstrap`) imports the main module only when
+the source or its arguments live there, behind `mpfeed.tfguard`.
+
+Parent to child, three messages: the bootstrap (sys.path, cwd, main module), the pickled work (the same
+for every worker), and the child's `WorkerSetup` (or the string "forkserver").
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from . import protocol
+from .channel import Channel
+from .errors import WorkerError, describe_exit
+from .process import ForkedProcess, SpawnedProcess
+
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CHILD_PROGRAM = (
+    "import sys; sys.path.insert(0, sys.argv[2]); "
+    "from mpfeed.bootstrap import child_main; child_main(int(sys.argv[1]))"
+)
+FORKSERVER_ROLE = "forkserver"
+_SERVER_ANSWER_S = 30.0  # for the fork server to report the pids of the workers it forked
+_SERVER_EXIT_WAIT_S = 5.0
+_READ_SLICE_S = 0.05
+
+# Math libraries start a thread per core in every process that loads them: N workers would start N x
+# cores threads (which spin at start-up, doubling a worker's start-up CPU) and then oversubscribe the
+# machine. Workers get one each, unless the user set these variables.
+SINGLE_THREADED = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def pickle_work(source: Any, args: tuple, kwargs: dict) -> bytes:
+    """Pickle what every worker needs, naming the culprit when something can't travel."""
+    for what, value in [
+        ("source", source),
+        *[(f"args[{i}]", a) for i, a in enumerate(args)],
+        *[(f"kwargs[{k!r}]", v) for k, v in kwargs.items()],
+    ]:
+        try:
+            pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as error:
+            name = getattr(value, "__qualname__", type(value).__name__)
+            hint = (
+                "define it at module level"
+                if what == "source"
+                else "pass something picklable (a path instead of an open file, a config instead of a lock)"
+            )
+            raise TypeError(
+                f"mpfeed runs `source` in spawned worker processes, so {what} must be picklable; "
+                f"{name!r} can't be pickled ({type(error).__name__}: {error}): {hint}"
+            ) from error
+    return pickle.dumps((source, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def main_module_spec(work: bytes) -> dict:
+    """How the child should set up ``__main__``: only when the pickled work refers to it."""
+    if b"__main__" not in work:
+        return {}
+    main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    if spec_name and spec_name != "__main__":
+        return {"main_name": spec_name}
+    path = getattr(main, "__file__", None)
+    if path and os.path.isfile(path):
+        return {"main_path": os.path.abspath(path)}
+    where = "a script read from standard input" if path == "<stdin>" else "an interactive session's __main__"
+    raise TypeError(
+        f"mpfeed's source (or an argument) is defined in {where}, which spawned worker processes cannot "
+        "import: define it in a module (a .py file) and import it"
+    )
+
+
+def worker_environment() -> dict[str, str]:
+    """The consumer's environment, with math libraries single-threaded unless the user said otherwise."""
+    return {**{name: "1" for name in SINGLE_THREADED}, **os.environ}
+
+
+def launch(work: bytes, main_spec: dict, setup: protocol.WorkerSetup | str) -> tuple[SpawnedProcess, Channel]:
+    """Start one interpreter (a worker, or a fork server for ``setup == "forkserver"``); returns its process
+    and the consumer's end of its pipe."""
+    parent_end, child_end = socket.socketpair()
+    try:
+        popen = subprocess.Popen(
+            [sys.executable, "-c", _CHILD_PROGRAM, str(child_end.fileno()), _PACKAGE_PARENT],
+            pass_fds=(child_end.fileno(),),
+            stdin=subprocess.DEVNULL,
+            env=worker_environment(),
+        )
+    except BaseException:
+        parent_end.close()
+        raise
+    finally:
+        child_end.close()
+    channel = Channel(parent_end)
+    bootstrap = {"sys_path": list(sys.path), "cwd": os.getcwd(), **main_spec}
+    for message in (pickle.dumps(bootstrap), work, pickle.dumps(setup)):
+        if not channel.send(message):
+            break  # the child died at once; the supervisor reports its exit
+    return SpawnedProcess(popen), channel
+
+
+class ForkServer:
+    """The consumer's handle on its fork server (`mpfeed.forkserver` is the server's side)."""
+
+    def __init__(self, work: bytes, main_spec: dict) -> None:
+        self.process, self.channel = launch(work, main_spec, FORKSERVER_ROLE)
+        self.exits: dict[int, int] = {}  # worker pid -> exit code, as the server reports them
+        self.gone = False
+        self._pids: list[int] = []
+        self._failure: protocol.Failure | None = None  # why the server could not start, as it said
+
+    def fork_all(self, setups: list[protocol.WorkerSetup]) -> list[tuple[ForkedProcess, Channel]]:
+        """Fork one worker per setup; returns each one's process and the consumer's end of its pipe."""
+        ends = []
+        try:
+            for setup in setups:
+                parent_end, child_end = socket.socketpair()
+                ends.append(Channel(parent_end))
+                try:
+                    sent = self.channel.send(protocol.FORK + pickle.dumps(setup))
+                    if sent:
+                        socket.send_fds(self.channel.socket, [b"\0"], [child_end.fileno()])
+                except OSError:
+                    sent = False
+                finally:
+                    child_end.close()
+                if not sent:
+                    raise self.died()
+            deadline = time.monotonic() + _SERVER_ANSWER_S
+            while len(self._pids) < len(setups):
+                self.read(_READ_SLICE_S)
+                if self.gone or time.monotonic() > deadline:
+                    raise self.died()
+        except BaseException:
+            for end in ends:
+                end.close()
+            raise
+        pids, self._pids = self._pids, []
+        return [(ForkedProcess(pid, self.exits), end) for pid, end in zip(pids, ends)]
+
+    def read(self, timeout: float = 0.0) -> None:
+        """Take the server's news (pids of new workers, exit codes of ended ones), waiting at most
+        ``timeout`` seconds for some."""
+        if timeout > 0 and not self.gone:
+            _wait_readable(self.channel, timeout)
+        for message in self.channel.receive():
+            tag = message[:1]
+            if tag == protocol.PID:
+                self._pids.append(protocol.read_pid(message))
+            elif tag == protocol.EXITED:
+                pid, code = protocol.read_exited(message)
+                self.exits[pid] = code
+            elif tag == protocol.FAILED:
+                self._failure = pickle.loads(message[1:])
+        self.gone = self.channel.eof
+
+    def describe(self) -> str:
+        """``mpfeed's fork server (pid N) was killed by SIGKILL (-9)``, or how else it ended."""
+        self.process.wait(_READ_SLICE_S)  # it is gone: this reaps it
+        return f"mpfeed's fork server (pid {self.process.pid}) {describe_exit(self.process.exit_code())}"
+
+    def died(self) -> WorkerError:
+        """The error for a server that ended (or stopped answering) before starting every worker."""
+        self.read(_READ_SLICE_S)  # its last words
+        if self.process.wait(_SERVER_EXIT_WAIT_S if self.gone else 0):
+            state = describe_exit(self.process.exit_code())
+        else:
+            state = f"did not answer within {_SERVER_ANSWER_S:g} s"
+        who = f"mpfeed's fork server (pid {self.process.pid})"
+        failure = self._failure
+        if failure is None:
+            return WorkerError(
+                f"{who} {state} before starting the workers", worker=None, pid=self.process.pid
+            )
+        trace = f"\n\nWorker traceback:\n{failure.traceback}"
+        return WorkerError(
+            f"{who} could not start: {failure.type}: {failure.message}{trace}",
+            worker=None,
+            pid=self.process.pid,
+            remote_traceback=failure.traceback,
+        )
+
+    def close(self) -> None:
+        """Close our end: the server terminates what is left of its workers, reaps them and exits."""
+        self.channel.close()
+        if not self.process.wait(_SERVER_EXIT_WAIT_S):
+            self.process.kill()
+            self.process.wait(_SERVER_EXIT_WAIT_S)
+        self.process.release()
+
+
+def _wait_readable(channel: Channel, seconds: float) -> None:
+    poller = select.poll()
+    poller.register(channel.fileno(), select.POLLIN)
+    poller.poll(max(0, int(seconds * 1000 + 0.999)))

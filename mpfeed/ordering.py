@@ -1,0 +1,99 @@
+"""Which worker's record the consumer takes next: round-robin over the shards (`RoundRobin`, ordered) or
+whichever is ready first (`FirstReady`). Policies only: they read and pop the supervisor's inboxes and
+never talk to processes.
+
+``take`` returns ``(handle, record)`` to deliver, ``(handle, None)`` when the consumer must wait (for that
+worker when ordered; for anyone when not), and ``(None, None)`` at the end of the epoch. A worker's failure
+is raised where the order meets it; with ``strict``, also as soon as the consumer would have to wait, so
+that it never waits once a worker has failed. Without ``strict`` (inferring a signature from the first
+element), only a failure that stands in the way of an element is raised.
+"""
+
+from __future__ import annotations
+
+from .supervisor import End, Record, Supervisor, WorkerHandle
+
+Taken = tuple[WorkerHandle | None, Record | None]
+
+
+def _head(handle: WorkerHandle):
+    """The first entry of the inbox after any End (which marks the worker's epoch as ended)."""
+    inbox = handle.inbox
+    while inbox and type(inbox[0]) is End:
+        inbox.popleft()
+        handle.ended = True
+    return inbox[0] if inbox else None
+
+
+def _raise_any_failure(supervisor: Supervisor) -> None:
+    for handle in supervisor.handles:
+        if handle.failed:
+            raise supervisor.error(handle, handle.inbox[-1])
+
+
+class RoundRobin:
+    """Ordered: worker 0's next record, then worker 1's, ...; with strided shards that is source order."""
+
+    def __init__(self) -> None:
+        self.cursor = 0
+
+    def reset(self) -> None:
+        self.cursor = 0
+
+    def take(self, supervisor: Supervisor, strict: bool = True) -> Taken:
+        handles = supervisor.handles
+        count = len(handles)
+        for step in range(count):
+            handle = handles[(self.cursor + step) % count]
+            head = _head(handle)
+            if handle.ended:
+                continue
+            if head is None:
+                self.cursor = handle.index
+                if strict:
+                    _raise_any_failure(supervisor)
+                return handle, None
+            if type(head) is not Record:
+                raise supervisor.error(handle, head)
+            handle.inbox.popleft()
+            self.cursor = (handle.index + 1) % count
+            return handle, head
+        return None, None
+
+
+class FirstReady:
+    """Unordered: the next ready record, looking at the workers round-robin so none is starved."""
+
+    def __init__(self) -> None:
+        self.cursor = 0
+
+    def reset(self) -> None:
+        self.cursor = 0
+
+    def take(self, supervisor: Supervisor, strict: bool = True) -> Taken:
+        handles = supervisor.handles
+        count = len(handles)
+        waiting_for = failed = None
+        for step in range(count):
+            handle = handles[(self.cursor + step) % count]
+            head = _head(handle)
+            if handle.ended:
+                continue
+            if head is None:
+                waiting_for = waiting_for or handle
+                continue
+            if type(head) is not Record:
+                if strict:
+                    raise supervisor.error(handle, head)
+                failed = failed or handle
+                continue
+            handle.inbox.popleft()
+            self.cursor = (handle.index + 1) % count
+            return handle, head
+        if waiting_for is not None:
+            if strict:
+                _raise_any_failure(supervisor)
+            return waiting_for, None
+        if failed is not None:
+            raise supervisor.error(failed, failed.inbox[0])
+        return None, None

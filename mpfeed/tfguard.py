@@ -1,0 +1,165 @@
+"""What ``import tensorflow`` (or Keras) gives inside a worker: inert stand-ins that fail loudly when used.
+
+Workers never load TensorFlow: it would cost seconds and hundreds of MB per worker, start its thread pools,
+and a process forked from it can deadlock. A training script imports TensorFlow at the top and may define
+its source beside it, so a worker that imports the script must get past lines such as
+``AUTOTUNE = tf.data.AUTOTUNE``, ``class Clock(keras.callbacks.Callback)``, ``with tf.device(...)`` or
+``for gpu in tf.config.list_physical_devices("GPU")``. Stand-ins allow exactly that: attribute access, calls,
+subclassing and decorating always; iteration, ``len``, truth and ``with`` only while the script is being
+imported. Anything that would need a real value (converting to an array, arithmetic, or any use of those
+while the source runs) raises `TensorFlowInWorkerError`, instead of giving empty data.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+from typing import Any
+
+GUARDED_MODULES = ("tensorflow", "keras", "tf_keras")
+_lenient = False  # true while a worker imports the user's main script
+
+
+class TensorFlowInWorkerError(RuntimeError):
+    """A source used TensorFlow (or Keras) inside an mpfeed worker."""
+
+
+def _refuse(name: str, use: str) -> TensorFlowInWorkerError:
+    return TensorFlowInWorkerError(
+        f"TensorFlow cannot run in mpfeed workers: {use} {name}. Workers never load TensorFlow (its threads "
+        "and memory in every worker, and forking it can deadlock), so `import tensorflow` gives an inert "
+        "stand-in there. Do this work with numpy or Pillow in the source (PIL.Image.open(...) decodes "
+        "JPEGs), or in the tf.data pipeline after feeder.dataset(), with .map(...)"
+    )
+
+
+class _InertModule(types.ModuleType):
+    def __getattr__(self, name: str) -> Any:
+        if name == "__version__":
+            return "0+inert"
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return _stand_in(f"{self.__name__}.{name}")
+
+
+class _StandIn(type):
+    """A stand-in for a TensorFlow or Keras object. Stand-ins are classes, so a script may subclass them at
+    its top level, decorate with them, call them and read their attributes; each gives another stand-in."""
+
+    def __getattr__(cls, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return _stand_in(f"{cls.__qualname__}.{name}")
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        return _stand_in(f"{cls.__qualname__}()")
+
+    def __iter__(cls):
+        _lenient_or_refuse(cls, "iterating over")
+        return iter(())
+
+    def __len__(cls) -> int:
+        _lenient_or_refuse(cls, "len() of")
+        return 0
+
+    def __bool__(cls) -> bool:
+        _lenient_or_refuse(cls, "the truth value of")
+        return False  # as an empty list of devices would be
+
+    def __enter__(cls) -> Any:
+        _lenient_or_refuse(cls, "`with`")
+        return cls
+
+    def __exit__(cls, *exc_info: Any) -> None:
+        return None
+
+    def __getitem__(cls, key: Any) -> Any:
+        return _stand_in(f"{cls.__qualname__}[]")
+
+    def __array__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise _refuse(cls.__qualname__, "converting to an array")
+
+    def __index__(cls) -> int:
+        raise _refuse(cls.__qualname__, "using as a number")
+
+    def __int__(cls) -> int:
+        raise _refuse(cls.__qualname__, "using as a number")
+
+    def __float__(cls) -> float:
+        raise _refuse(cls.__qualname__, "using as a number")
+
+    def __repr__(cls) -> str:
+        return (
+            f"<inert stand-in for {cls.__qualname__}: mpfeed workers never load TensorFlow; "
+            "do the work with numpy or Pillow>"
+        )
+
+
+def _arithmetic(symbol: str):
+    def refuse(cls: Any, *other: Any) -> Any:
+        raise _refuse(cls.__qualname__, f"arithmetic ({symbol}) on")
+
+    return refuse
+
+
+for _name, _symbol in {
+    "add": "+", "sub": "-", "mul": "*", "matmul": "@", "truediv": "/", "floordiv": "//", "mod": "%",
+    "pow": "**", "lshift": "<<", "rshift": ">>", "and": "&", "xor": "^", "or": "|",
+}.items():  # fmt: skip
+    for _form in (f"__{_name}__", f"__r{_name}__"):
+        setattr(_StandIn, _form, _arithmetic(_symbol))
+for _form, _symbol in {"__neg__": "-", "__pos__": "+", "__abs__": "abs", "__invert__": "~"}.items():
+    setattr(_StandIn, _form, _arithmetic(_symbol))
+for _form, _symbol in {"__lt__": "<", "__le__": "<=", "__gt__": ">", "__ge__": ">="}.items():
+    setattr(_StandIn, _form, _arithmetic(_symbol))
+
+
+def _lenient_or_refuse(cls: Any, use: str) -> None:
+    if not _lenient:
+        raise _refuse(cls.__qualname__, use)
+
+
+def _stand_in(name: str) -> type:
+    stand_in = _StandIn(name.rsplit(".", 1)[-1], (), {"__module__": name.rsplit(".", 1)[0]})
+    stand_in.__qualname__ = name
+    return stand_in
+
+
+def is_stand_in(value: Any) -> bool:
+    return isinstance(value, _StandIn)
+
+
+class _TensorFlowGuard(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Answers imports of TensorFlow and Keras (and their submodules) with `_InertModule`s."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in GUARDED_MODULES:
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _InertModule(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+def install() -> None:
+    """From now on, this process imports stand-ins for TensorFlow and Keras."""
+    sys.meta_path.insert(0, _TensorFlowGuard())
+
+
+class lenient:
+    """While a worker imports the user's main script: stand-ins allow iteration, len, truth and `with`."""
+
+    def __enter__(self) -> None:
+        global _lenient
+        _lenient = True
+
+    def __exit__(self, *exc_info: Any) -> None:
+        global _lenient
+        _lenient = False
