@@ -94,6 +94,8 @@ class FeederStats:
     """The epoch being served, counting from 0."""
     shm_bytes: int
     """Shared memory mapped for rings (workers x depth x slot_bytes, for rings sized so far)."""
+    ring_memory: str | None
+    """Where the rings live: "posix" (/dev/shm) or "memfd"; None until the first ring is made."""
     workers: tuple[WorkerStats, ...]
     """Per-worker figures, by shard index."""
 
@@ -129,6 +131,10 @@ class Feeder:
         start_method: "forkserver" (default: one fresh interpreter forks every worker) or "spawn" (a
             fresh interpreter per worker). The consumer itself is never forked.
         timeout: seconds the consumer may wait for a worker before `WorkerTimeoutError`; None: no limit.
+        ring_memory: where the rings live: "posix" (named segments in /dev/shm, their names removed as
+            soon as each worker has attached), "memfd" (anonymous memory, limited only by RAM and the
+            cgroup: a container's small /dev/shm does not matter), or "auto" (the default: posix while
+            /dev/shm has room for every ring, else memfd).
     """
 
     def __init__(
@@ -146,6 +152,7 @@ class Feeder:
         seed: int | None = None,
         start_method: str | None = None,
         timeout: float | None = None,
+        ring_memory: str = "auto",
     ) -> None:
         if bootstrap.importing_main:
             raise RuntimeError(
@@ -172,6 +179,10 @@ class Feeder:
         _require(
             timeout is None or (isinstance(timeout, (int, float)) and timeout > 0),
             f"timeout must be positive seconds or None, got {timeout!r}",
+        )
+        _require(
+            ring_memory in ("auto", "posix", "memfd"),
+            f"ring_memory must be 'auto', 'posix' or 'memfd', got {ring_memory!r}",
         )
         _require(
             start_method in (None, "spawn", "forkserver"),
@@ -202,6 +213,7 @@ class Feeder:
             drop_remainder=drop_remainder,
             seed=seed if seed is not None else secrets.randbits(63),
             start_method=start_method or DEFAULT_START_METHOD,
+            ring_memory=ring_memory,
         )
         try:
             self._supervisor = Supervisor(source, args, dict(kwargs or {}), config)
@@ -266,6 +278,7 @@ class Feeder:
             copies=self._leases.copies,
             epoch=self._epoch,
             shm_bytes=sum(w.slot_bytes * self._depth for w in workers),
+            ring_memory=self._supervisor.ring_memory,
             workers=workers,
         )
 

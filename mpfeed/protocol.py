@@ -14,7 +14,7 @@ Worker to consumer, in the order they happen (one pipe per worker keeps them ord
 
 Consumer to worker:
     CREDIT   slot u32 ...              these slots are free again
-    RING     pickled RingSpec          the ring to attach (a memfd ring's fd follows as SCM_RIGHTS)
+    RING     pickled RingSpec          the ring to attach
     EPOCH    epoch u32                 start (or restart at) this epoch
     STOP                               close the source and exit
 
@@ -48,7 +48,8 @@ _EXIT = struct.Struct("<Ii")
 
 @dataclass(frozen=True)
 class RingSpec:
-    """Where a worker's ring is: a named POSIX segment (``name``) or a memfd sent beside the message."""
+    """Where a worker's ring is: a named POSIX segment, or a memfd that the consumer holds open (its name
+    is then ``/proc/<consumer pid>/fd/<fd>`` until the worker has attached; see `mpfeed.ring`)."""
 
     kind: str  # "posix" or "memfd"
     name: str

@@ -20,7 +20,7 @@ from . import launcher, protocol
 from .channel import Channel
 from .errors import ElementError, SourceError, WorkerDiedError, WorkerError, describe_exit
 from .process import Process
-from .ring import Ring, check_shm_space, slot_size_for
+from .ring import Ring, check_memory_space, check_shm_space, choose_memory, slot_size_for
 
 _STOP_GRACE_S = 2.0  # for workers to finish the element in hand and exit on STOP
 _TERMINATE_GRACE_S = 1.0  # after SIGTERM, before SIGKILL
@@ -63,6 +63,7 @@ class WorkerConfig:
     drop_remainder: bool
     seed: int
     start_method: str
+    ring_memory: str = "auto"  # "auto" (posix while /dev/shm has room, else memfd), "posix" or "memfd"
 
 
 @dataclass(eq=False)
@@ -105,15 +106,15 @@ class Supervisor:
         self.handles: list[WorkerHandle] = []
         self.server: launcher.ForkServer | None = None
         self.version = 0  # changes whenever the set of pipes to watch changes
+        self.ring_memory: str | None = None  # the kind of the rings, decided with the first one
         work = launcher.pickle_work(source, args, kwargs)
         main_spec = launcher.main_module_spec(work)
         rings: list[Ring | None] = [None] * config.workers
         try:
             if config.slot_bytes is not None:
-                total = config.workers * config.depth * config.slot_bytes
-                check_shm_space(total, total, config.workers, config.depth, config.slot_bytes)
+                self._check_space(config.slot_bytes)
                 for index in range(config.workers):  # one at a time, so a failure closes those made
-                    rings[index] = Ring.create(config.depth, config.slot_bytes, workers=config.workers)
+                    rings[index] = self._new_ring(config.slot_bytes)
             setups = [
                 protocol.WorkerSetup(
                     index=index,
@@ -279,9 +280,29 @@ class Supervisor:
             self.release(handle, record)
 
     def _create_ring(self, handle: WorkerHandle, record_bytes: int) -> None:
-        slot_bytes = slot_size_for(record_bytes)
-        handle.ring = Ring.create(self.config.depth, slot_bytes, workers=self.config.workers)
+        handle.ring = self._new_ring(slot_size_for(record_bytes))
         self._send(handle, protocol.RING + pickle.dumps(_spec(handle.ring)))
+
+    def _check_space(self, slot_bytes: int) -> None:
+        """Refuse up front when the whole feeder's rings cannot fit where they would go."""
+        config = self.config
+        total = config.workers * config.depth * slot_bytes
+        kind = self._memory_for(slot_bytes)
+        if kind == "posix":
+            check_shm_space(total, total, config.workers, config.depth, slot_bytes)
+        check_memory_space(total, total, config.workers, config.depth, slot_bytes)
+
+    def _memory_for(self, slot_bytes: int) -> str:
+        """The kind of shared memory for every ring of this feeder, decided once."""
+        if self.ring_memory is None:
+            config = self.config
+            total = config.workers * config.depth * slot_bytes
+            self.ring_memory = choose_memory(total) if config.ring_memory == "auto" else config.ring_memory
+        return self.ring_memory
+
+    def _new_ring(self, slot_bytes: int) -> Ring:
+        memory = self._memory_for(slot_bytes)
+        return Ring.create(self.config.depth, slot_bytes, workers=self.config.workers, memory=memory)
 
     # -- failures ------------------------------------------------------------------------------------
 
@@ -394,4 +415,4 @@ class Supervisor:
 
 
 def _spec(ring: Ring) -> protocol.RingSpec:
-    return protocol.RingSpec("posix", ring.name, ring.depth, ring.slot_bytes)
+    return protocol.RingSpec(ring.kind, ring.name, ring.depth, ring.slot_bytes)
