@@ -113,9 +113,9 @@ def describe_leaf(leaf: Any) -> tuple[int, str, int]:
         return INT, "<i8", 0
     if kind is float:
         return FLOAT, "<f8", 0
-    if kind is bytes:
+    if isinstance(leaf, bytes):  # numpy's bytes_ too: its dtype's length would change with the value
         return BYTES, "", 0
-    if kind is str:
+    if isinstance(leaf, str):  # and numpy's str_
         return STR, "", 0
     if isinstance(leaf, np.generic) and not leaf.dtype.hasobject:
         return NPSCALAR, dtype_to_descr(leaf.dtype), 0
@@ -303,6 +303,16 @@ def place_leaves(
     return placed, position
 
 
+def _utf8(text: str, treedef: Treedef, index: int) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{leaf_paths(treedef)[index]} is a str that cannot be encoded as UTF-8 ({error.reason} at "
+            f"position {error.start}: {text[error.start : error.end]!r}); pass bytes, or clean the text"
+        ) from None
+
+
 _SMALL_LEAF_BYTES = 1 << 16  # leaves up to this size are written from `tobytes()`: fewer calls than a view
 _PY_SCALAR_STRUCTS = {INT: struct.Struct("<q"), FLOAT: struct.Struct("<d"), BOOL: struct.Struct("?")}
 
@@ -335,7 +345,7 @@ class Record:
             elif kind == BYTES:
                 dims.append(len(values[index]))
             elif kind == STR:
-                values[index] = values[index].encode("utf-8")
+                values[index] = _utf8(values[index], item[0], index)
                 dims.append(len(values[index]))
             elif kind == NPSCALAR:
                 values[index] = values[index].tobytes()
@@ -367,7 +377,7 @@ class Record:
                 dims += shape
             elif kind in (BYTES, STR):
                 if kind == STR:
-                    column = [text.encode("utf-8") for text in column]
+                    column = [_utf8(text, treedef, index) for (treedef, _), text in zip(items, column)]
                 dims.append(sum(len(b) for b in column))
             else:
                 try:

@@ -134,6 +134,7 @@ def feeder_dataset(
         chunk_size = _auto_chunk_size(output_signature) if chunkable else 1
         copy_below = _COPY_BELOW_BYTES if chunk_size == 1 else 0
     feeder_ref = weakref.ref(feeder)
+    check_shapes = _shape_checker(output_signature)
 
     def elements() -> Iterator[Any]:
         owner = feeder_ref()
@@ -141,22 +142,30 @@ def feeder_dataset(
             raise ClosedError("the feeder behind this dataset is gone")
         iterator = owner._iterate(copy_below)
         del owner
-        first = next(iterator, _NOTHING)
-        if first is _NOTHING:
+        try:
+            first = next(iterator, _NOTHING)
+            if first is _NOTHING:
+                return
+            convert = _lists_to_tuples if _has_lists(first) else None
+            first = convert(first) if convert else first
+            check_signature(first, output_signature)  # TensorFlow checks too, but cannot name the leaf
+            yield first
+            for element in iterator:
+                if chunk_size == 1:
+                    check_shapes(flatten(element)[1])
+                yield convert(element) if convert else element
+        except ClosedError:
+            # Closed while this pass was under way (Ctrl-C, the end of a `with` block, interpreter exit):
+            # TensorFlow may still have a call in flight, and an error here would only be printed, in
+            # its thread, after the user's own exception. The pass just ends.
             return
-        convert = _lists_to_tuples if _has_lists(first) else None
-        first = convert(first) if convert else first
-        check_signature(first, output_signature)  # TensorFlow checks too, but cannot name the leaf
-        yield first
-        for element in iterator:
-            yield convert(element) if convert else element
 
     if chunk_size == 1:
         dataset = tf.data.Dataset.from_generator(elements, output_signature=output_signature)
     else:
 
         def chunks() -> Iterator[Any]:
-            yield from _chunked(elements(), chunk_size)
+            yield from _chunked(elements(), chunk_size, check_shapes)
 
         chunk_signature = tf.nest.map_structure(
             lambda spec: tf.TensorSpec((None, *spec.shape), spec.dtype), output_signature
@@ -169,10 +178,37 @@ def feeder_dataset(
 _NOTHING = object()
 
 
-def _chunked(elements: Iterator[Any], chunk_size: int) -> Iterator[Any]:
+def _shape_checker(signature: Any) -> Callable[[list], None]:
+    """A check of an element's leaves against the signature's shapes, whose error names the leaf (what
+    TensorFlow says instead shows neither the leaf nor, for chunks, the element's own shape)."""
+    treedef, specs = flatten(signature)
+    paths = leaf_paths(treedef)
+    wanted = [None if spec.shape.rank is None else tuple(spec.shape.as_list()) for spec in specs]
+
+    def check(leaves: list) -> None:
+        for path, want, leaf in zip(paths, wanted, leaves):
+            shape = np.shape(leaf)
+            if want is not None and (
+                len(shape) != len(want) or any(w is not None and w != n for n, w in zip(shape, want))
+            ):
+                if len(shape) != len(want):
+                    hint = tuple(None for _ in shape)
+                else:
+                    hint = tuple(w if w == n else None for n, w in zip(shape, want))
+                raise TypeError(
+                    f"{path} has shape {shape}, but the dataset's signature says {want} (inferred from "
+                    "the first element unless you gave output_signature): its shape varies between "
+                    f"elements. Pass an output_signature with None where it varies, e.g. "
+                    f"tf.TensorSpec(shape={hint}, ...) for {path}"
+                )
+
+    return check
+
+
+def _chunked(elements: Iterator[Any], chunk_size: int, check_shapes: Callable[[list], None]) -> Iterator[Any]:
     """Stack consecutive elements into chunks, copying each into its row at once (so its slot goes back
-    to its worker at once). An element of another shape ends the chunk (TensorFlow then reports it), and
-    a failure delivers the elements before it first."""
+    to its worker at once). An element of another shape ends the chunk and fails `check_shapes`, and a
+    failure delivers the elements before it first."""
     treedef = chunk = None
     filled = 0
     while True:
@@ -188,6 +224,7 @@ def _chunked(elements: Iterator[Any], chunk_size: int) -> Iterator[Any]:
         if chunk is not None and (filled == chunk_size or not _fits(chunk, leaves)):
             yield unflatten(treedef, [column[:filled] for column in chunk])
             chunk = None
+            check_shapes(leaves)
         if chunk is None:
             treedef, filled = tree, 0
             chunk = [np.empty((chunk_size, *np.shape(leaf)), dtype=np.asarray(leaf).dtype) for leaf in leaves]
