@@ -1,18 +1,15 @@
-"""Test hygiene: a deadline per test that dumps every stack, and a check that each test leaves no child
-process, no thread and no /dev/shm entry of ours behind."""
+"""Test hygiene: a check that each test leaves no child process, no thread and no /dev/shm entry of ours
+behind. (A test that hangs is ended by pytest's faulthandler_timeout, see pyproject.toml.)"""
 
 from __future__ import annotations
 
-import faulthandler
 import os
-import sys
 import threading
 import time
 
 import psutil
 import pytest
 
-TEST_DEADLINE_S = 90
 LEAK_GRACE_S = 10.0
 
 
@@ -34,21 +31,6 @@ def live_children() -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return children
-
-
-def _real_stderr(config) -> int:
-    """The terminal's stderr, not pytest's capture file (which is lost when the deadline exits)."""
-    capture = config.pluginmanager.getplugin("capturemanager")
-    err = getattr(getattr(capture, "_global_capturing", None), "err", None)
-    return getattr(err, "targetfd_save", None) or sys.__stderr__.fileno()
-
-
-@pytest.fixture(autouse=True)
-def deadline(request):
-    """Fail loudly instead of hanging: after the deadline, dump every thread's stack and exit."""
-    faulthandler.dump_traceback_later(TEST_DEADLINE_S, exit=True, file=_real_stderr(request.config))
-    yield
-    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(autouse=True)
