@@ -16,12 +16,14 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[bench,dev]' '$(TF)'
 	touch $(STAMP)
 
-test: $(STAMP)
+# The suite, after the linters and the type checker (so CI, which runs make test, runs them too).
+test: lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check mpfeed tests scripts
 	$(BIN)/ruff format --check mpfeed tests scripts
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py

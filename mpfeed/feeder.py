@@ -386,7 +386,7 @@ class Feeder:
         if record is None and handle is not None:
             supervisor.read_all()  # whatever has arrived since
             handle, record = self._ordering.take(supervisor, strict)
-        if record is not None:
+        if record is not None and handle is not None:
             return None, self._leases.open(supervisor, handle, record, copy_below)
         if handle is None:
             return None, _EPOCH_END

@@ -97,7 +97,7 @@ def leaf_paths(treedef: Treedef, prefix: str = "element") -> list[str]:
     return [path for child_prefix, child in children for path in leaf_paths(child, child_prefix)]
 
 
-def describe_leaf(leaf: Any) -> tuple[int, str, int]:
+def describe_leaf(leaf: Any) -> tuple[int, Any, int]:
     """``(kind, dtype, ndim)`` of a leaf, the dtype as numpy's ``.npy`` files describe it (structured ones
     keep their fields); `TypeError` for anything mpfeed cannot carry."""
     kind = type(leaf)
@@ -136,7 +136,7 @@ class Encoder:
         self._kinds: tuple[int, ...] = ()
         self._dtypes: tuple[np.dtype | None, ...] = ()
         self._ndims: tuple[int, ...] = ()
-        self._types: tuple[type, ...] = ()
+        self._types: tuple[Any, ...] = ()
         self._plans: dict[tuple, _Plan] = {}
 
     def prepare(self, items: list[tuple[Treedef, list]], seq: int, batched: bool) -> Record:
@@ -146,7 +146,7 @@ class Encoder:
                 self._check(treedef, leaves)
         return Record(self, items, seq, batched)
 
-    def _conforms(self, leaves: list) -> bool:
+    def _conforms(self, leaves: list[Any]) -> bool:
         """The fast check: each leaf has the exact type of the first element's (and, for numpy leaves, its
         dtype and rank). False sends the element through `_check`, which names what changed."""
         expected = zip(self._kinds, self._types, self._dtypes, self._ndims)
@@ -239,7 +239,7 @@ def _sketch(treedef: Treedef) -> str:
     return f"({inner})" if treedef[0] == "t" else f"[{inner}]"
 
 
-def _leaf_words(kind: int, dtype: str, ndim: int) -> str:
+def _leaf_words(kind: int, dtype: Any, ndim: int) -> str:
     names = {INT: "int", FLOAT: "float", BOOL: "bool", BYTES: "bytes", STR: "str"}
     if kind == ARRAY:
         return f"a {ndim}-d array of {descr_to_dtype(dtype)}"
@@ -364,7 +364,7 @@ class Record:
         columns: list = []
         rows = len(items)
         for index, kind in enumerate(encoder._kinds):
-            column = [leaves[index] for _, leaves in items]
+            column: Any = [leaves[index] for _, leaves in items]
             dims.append(rows)
             if kind == ARRAY:
                 shape = column[0].shape
@@ -453,11 +453,11 @@ class Decoder:
         self._specs: dict[bytes, tuple] = {}
 
     @staticmethod
-    def header(base: np.ndarray) -> tuple[int, int, int, int, int, int]:
+    def header(base: Any) -> tuple[int, int, int, int, int, int]:
         """``(magic, spec_len, n_dims, count, seq, record_len)`` of the record at the start of ``base``."""
         return HEADER.unpack_from(base, 0)
 
-    def decode(self, base: np.ndarray) -> tuple[Any, bool, int, int]:
+    def decode(self, base: Any) -> tuple[Any, bool, int, int]:
         """Decode the record at the start of ``base`` (read-only uint8).
 
         Returns ``(element, views, count, payload_bytes)``; ``views`` tells whether the element holds
@@ -525,7 +525,7 @@ def _builder(treedef: Treedef) -> Callable[[list], Any]:
     return functools.partial(unflatten, treedef)
 
 
-def _read_text(base: np.ndarray, position: int, size: int, count: int, text: bool) -> Any:
+def _read_text(base: Any, position: int, size: int, count: int, text: bool) -> Any:
     """A bytes or str leaf, or (in a batch) an object array of them: always copies."""
     if not count:
         chunk = base[position : position + size].tobytes()

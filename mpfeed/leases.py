@@ -86,8 +86,9 @@ class Leases:
             element, _, count, nbytes = self.decoder.decode(base)
             supervisor.release(handle, record)
         else:
-            slot = record.slot
-            base = handle.ring.slot_view(slot)
+            slot, ring = record.slot, handle.ring
+            assert slot is not None and ring is not None, "a record in a slot has a ring"
+            base = ring.slot_view(slot)
             record_bytes = Decoder.header(base)[5]
             # When every other slot of this ring is held, copy: otherwise the worker could never write again.
             ring_full = handle.held >= self.depth - 1
@@ -136,4 +137,4 @@ def readonly_copy(data) -> np.ndarray:
     start = -raw.ctypes.data % 64
     copy = raw[start : start + len(data)]
     copy[:] = np.frombuffer(data, dtype=np.uint8)
-    return np.frombuffer(memoryview(copy).toreadonly(), dtype=np.uint8)
+    return np.frombuffer(copy.data.toreadonly(), dtype=np.uint8)

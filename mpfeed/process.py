@@ -35,6 +35,9 @@ class Process(Protocol):
 
     def kill(self) -> None: ...
 
+    def release(self) -> None:
+        """Give back what watching it took (its pidfd), once it has ended."""
+
 
 def _open_pidfd(pid: int) -> int | None:
     try:

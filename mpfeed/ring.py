@@ -36,6 +36,7 @@ import fcntl
 import mmap
 import os
 import weakref
+from typing import Any
 
 import numpy as np
 import psutil
@@ -194,7 +195,7 @@ class Ring:
         self._mmap = mapping
         self._named = named
         self._fd_closer = None if fd is None else weakref.finalize(self, os.close, fd)
-        self._array = np.frombuffer(mapping, dtype=np.uint8)
+        self._array: Any = np.frombuffer(mapping, dtype=np.uint8)  # None once closed
         # Views built on a read-only memoryview cannot be made writable again (on the mmap they could).
         self._readonly = memoryview(mapping).toreadonly()
 
@@ -389,8 +390,8 @@ def _memory_cgroup_dirs() -> list[tuple[str, int]]:
             paths["cgroup"] = path
     dirs: list[tuple[str, int]] = []
     for mount in mounts:
-        fields, _, tail = mount.partition(" - ")
-        fields, tail = fields.split(), tail.split()
+        before, _, after = mount.partition(" - ")
+        fields, tail = before.split(), after.split()
         if len(fields) < 5 or len(tail) < 3 or tail[0] not in paths:
             continue
         if tail[0] == "cgroup" and "memory" not in tail[2].split(","):

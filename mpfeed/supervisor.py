@@ -135,8 +135,8 @@ class Supervisor:
                     self.handles.append(WorkerHandle(index, process, channel, rings[index]))
             else:
                 for index, setup in enumerate(setups):
-                    process, channel = launcher.launch(work, main_spec, setup)
-                    self.handles.append(WorkerHandle(index, process, channel, rings[index]))
+                    spawned, channel = launcher.launch(work, main_spec, setup)
+                    self.handles.append(WorkerHandle(index, spawned, channel, rings[index]))
         except BaseException:
             for ring in rings[len(self.handles) :]:
                 if ring is not None:
@@ -309,18 +309,20 @@ class Supervisor:
     def _failure(self, handle: WorkerHandle, failure: protocol.Failure) -> WorkerError:
         who = f"worker {handle.index} (pid {handle.pid})"
         where = f"while producing element {failure.element} of its shard (epoch {failure.epoch})"
-        details = dict(worker=handle.index, pid=handle.pid, element=failure.element, epoch=failure.epoch)
+        details: dict[str, Any] = dict(
+            worker=handle.index, pid=handle.pid, element=failure.element, epoch=failure.epoch
+        )
         trace = f"\n\nWorker traceback:\n{failure.traceback}"
         if failure.where == "element":
             return ElementError(f"{who} produced a bad element {where}: {failure.message}", **details)
         if failure.type == "SystemExit":
-            error = WorkerDiedError(
+            died = WorkerDiedError(
                 f"{who} exited with code {failure.exit_code}: the source called "
                 f"sys.exit({failure.exit_code!r}) {where}",
                 **details,
             )
-            error.exitcode = failure.exit_code
-            return error
+            died.exitcode = failure.exit_code
+            return died
         if failure.where == "start":
             return WorkerError(
                 f"{who} could not start: {failure.type}: {failure.message}{trace}",
