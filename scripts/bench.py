@@ -46,7 +46,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-from workloads import IO_SLEEP_S, WORKLOADS, Workload, calls_per_second  # noqa: E402
+from workloads import ENDLESS, IO_SLEEP_S, WORKLOADS, IndexedItems, Workload, calls_per_second  # noqa: E402
 
 if __name__ != "__mp_main__":
     # A spawned process (Grain's workers) imports the main script again, as __mp_main__; those workers
@@ -57,7 +57,6 @@ if __name__ != "__mp_main__":
 import mpfeed  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench-results"
-ENDLESS = 10**9  # items offered to every pipeline; a measurement stops on time, not on exhaustion
 QUEUE_SIZE = 10  # thread-queue's queue.Queue(maxsize=...)
 POOL_IN_FLIGHT = 4  # mp-pool: tasks in flight per worker (as mpfeed's default depth)
 MEMCPY_MIN_SPAN_BYTES = 64 * 2**20  # the memcpy limits rotate over at least this, and 4x the last-level cache
@@ -175,26 +174,6 @@ def tf_map(workload: Workload, workers: int, parallel: int | None = None) -> Pip
 
     dataset = tf.data.Dataset.range(ENDLESS).map(call, num_parallel_calls=parallel or tf.data.AUTOTUNE)
     return Pipeline(batch_in_graph(dataset, workload), batched=workload.batch_size is not None)
-
-
-class IndexedItems:
-    """Random access to a workload's items (or batches of them), for the index-based loaders. Plain numpy:
-    Grain's spawned workers use it without TensorFlow."""
-
-    def __init__(self, name: str, length: int = ENDLESS) -> None:
-        self.name = name
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> Any:
-        workload = WORKLOADS[self.name]
-        if not workload.batch_size:
-            return workload.item(index)
-        first = index * workload.batch_size
-        items = [workload.item(i) for i in range(first, first + workload.batch_size)]
-        return tuple(np.stack(leaves) for leaves in zip(*items))  # every batched workload is a tuple
 
 
 @functools.cache

@@ -26,6 +26,7 @@ JPEG_QUALITY = 90
 TRANSFER_FLOATS = 2 * 1024 * 1024  # 8 MiB of float32
 TINY_VALUES = 10
 DECODE_BATCH = 64
+ENDLESS = 10**9  # items offered to every pipeline; a measurement stops on time, not on exhaustion
 
 # How many annotation records the `python` workload parses per element: about 5 ms of GIL-holding work
 # on one core of the 2-core AMD EPYC it was tuned on (the benchmark measures and reports the real rate).
@@ -149,6 +150,27 @@ WORKLOADS: dict[str, Workload] = {
         Workload("decode-batched", decode_item, DECODE_BATCH, "ideal-cpu", "decode, batches of 64"),
     ]
 }
+
+
+class IndexedItems:
+    """Random access to a workload's items (or batches of them), for the index-based loaders. Plain numpy,
+    and defined here rather than beside those loaders: Grain's spawned workers unpickle it by importing
+    this module, which loads no TensorFlow."""
+
+    def __init__(self, name: str, length: int = ENDLESS) -> None:
+        self.name = name
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Any:
+        workload = WORKLOADS[self.name]
+        if not workload.batch_size:
+            return workload.item(index)
+        first = index * workload.batch_size
+        items = [workload.item(i) for i in range(first, first + workload.batch_size)]
+        return tuple(np.stack(column) for column in zip(*items))  # every batched workload is a tuple
 
 
 def calls_per_second(call: Callable[[int], Any], seconds: float) -> float:
