@@ -152,6 +152,20 @@ WORKLOADS: dict[str, Workload] = {
 }
 
 
+def leaves(element: Any) -> list[Any]:
+    """The arrays of one element (tuples, lists and dicts of them) in `tf.nest.flatten`'s order, without
+    TensorFlow."""
+    if isinstance(element, dict):
+        return [leaf for key in sorted(element) for leaf in leaves(element[key])]
+    if isinstance(element, (tuple, list)):
+        return [leaf for part in element for leaf in leaves(part)]
+    return [element]
+
+
+def element_bytes(workload: Workload) -> int:
+    return sum(np.asarray(leaf).nbytes for leaf in leaves(workload.item(0)))
+
+
 class IndexedItems:
     """Random access to a workload's items (or batches of them), for the index-based loaders. Plain numpy,
     and defined here rather than beside those loaders: Grain's spawned workers unpickle it by importing
