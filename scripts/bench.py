@@ -1,11 +1,12 @@
 """`make bench`: every workload of BENCH.md against every contender, beside the limits of this machine.
 
 Each measurement builds one pipeline, consumes it with a Python loop over the `tf.data.Dataset` that
-touches every element, and reports three things apart: start-up (building the pipeline: processes,
-pools, datasets), time to the first element (from the start of building), and the steady-state rate (the
-elements that arrive after a warm-up, over a fixed time). Repetitions are interleaved: every repetition
-runs every row once, in an order rotated between repetitions, and the report gives the median with the
-min-max spread.
+touches every element (or, for the large elements of `transfer`, inside the dataset's graph, as training
+consumes them: the table's last column says which), and reports three things apart: start-up (building the
+pipeline: processes, pools, datasets), time to the first element (from the start of building), and the
+steady-state rate (the elements that arrive after a warm-up, over a fixed time). Repetitions are
+interleaved: every repetition runs every row once, in an order rotated between repetitions, and the report
+gives the median with the min-max spread.
 
     python scripts/bench.py                      # full run, ~6 minutes on 2 cores (~7 with the peers)
     python scripts/bench.py --quick              # smoke run, under 2 minutes with the peers

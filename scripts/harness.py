@@ -1,10 +1,12 @@
 """The harness: build one pipeline, consume it and time it; run every row of every workload in interleaved
 repetitions, with progress.
 
-`measure` reports three things apart: start-up (building the pipeline: processes, pools, datasets), time
-to the first element (from the start of building), and the steady-state rate (the elements that arrive
-after a warm-up, over a fixed time). `run` makes every repetition run every row once, in an order rotated
-between repetitions. Nothing here imports TensorFlow: the contenders bring it (`contenders.py`).
+`measure` consumes a pipeline as BENCH.md says training does: a Python loop that touches every element
+or, for a workload of large elements (`transfer`), inside the `tf.data` graph; it reports three things
+apart: start-up (building the pipeline: processes, pools, datasets), time to the first element (from the
+start of building), and the steady-state rate (the elements that arrive after a warm-up, over a fixed
+time). `run` makes every repetition run every row once, in an order rotated between repetitions. Nothing
+here imports TensorFlow at module level: the contenders bring it (`contenders.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import faulthandler
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +26,8 @@ from workloads import Workload, leaves
 
 SETTLE_S = 10  # longest wait for one pipeline's processes to exit before the next measurement
 HANG_S = 180  # a measurement that takes longer than this dumps every stack and ends the run
+PYTHON_LOOP = "python loop"  # how a row was consumed, as the report says it
+IN_GRAPH = "in graph"
 
 
 @dataclass
@@ -68,6 +72,44 @@ def touch(element: Any, batched: bool) -> int:
     return count
 
 
+def touch_in_graph(batched: bool) -> Callable[..., Any]:
+    """`touch` for `Dataset.map`: reads one value of every element (every row of a batch) in the graph.
+    Gives how many elements that was, and the sum of the values read, which keeps the reads in the graph."""
+    import tensorflow as tf
+
+    def touch(*element: Any) -> tuple[Any, Any]:
+        count = tf.constant(1, tf.int64)
+        read = tf.constant(0, tf.float64)
+        for leaf in tf.nest.flatten(element):
+            if batched:
+                count = tf.shape(leaf, out_type=tf.int64)[0]
+                values = tf.reshape(leaf, tf.stack([count, -1]))[:, :1]
+            else:
+                values = tf.reshape(leaf, [-1])[:1]
+            read += tf.reduce_sum(tf.cast(values, tf.float64))
+        return count, read
+
+    return touch
+
+
+def consume(pipeline: Pipeline, in_graph: bool) -> tuple[Iterator[int], str, float]:
+    """The consumer's loop over ``pipeline``: an iterator of how many elements each step took in; which way
+    it consumes them; and the seconds it spent tracing a graph before the first step.
+
+    A Python loop over a `tf.data.Dataset` gets each element as an `EagerTensor` and reads it through
+    ``.numpy()``, which copies it (1.4 ms per 8 MiB on the 2-core EPYC): fine for small elements, but not
+    how training consumes large ones. With ``in_graph``, a dataset is consumed inside its own graph, as a
+    training step does: `touch_in_graph` maps over it, and the loop receives only the counts. Pipelines
+    that are not datasets (`mpfeed-direct`, numpy views) are always a Python loop."""
+    elements = pipeline.elements
+    tf = sys.modules.get("tensorflow")  # loaded wherever a pipeline is a dataset
+    if in_graph and tf is not None and isinstance(elements, tf.data.Dataset):
+        started = time.perf_counter()
+        counts = elements.map(touch_in_graph(pipeline.batched))
+        return (int(count) for count, _ in counts), IN_GRAPH, time.perf_counter() - started
+    return (touch(element, pipeline.batched) for element in elements), PYTHON_LOOP, 0.0
+
+
 # -- measuring -----------------------------------------------------------------------------------------
 
 
@@ -80,8 +122,11 @@ class Timing:
     rounds_cap_s: float = 30.0  # rounds stretch a warm-up or a window at most this long
 
 
-def measure(build: Callable[[], Pipeline], timing: Timing, round_items: int = 0) -> dict:
-    """Start-up, time to first element and steady-state rate of one pipeline.
+def measure(
+    build: Callable[[], Pipeline], timing: Timing, round_items: int = 0, in_graph: bool = False
+) -> dict:
+    """Start-up, time to first element and steady-state rate of one pipeline, consumed as `consume` says
+    (``in_graph`` for a workload of large elements).
 
     ``round_items`` is one round: every worker delivering once (workers x the items one worker makes at a
     time: 1, or its batch). The warm-up lasts ``timing.warmup_s`` and ``timing.warmup_rounds`` rounds after
@@ -89,7 +134,8 @@ def measure(build: Callable[[], Pipeline], timing: Timing, round_items: int = 0)
     worker may take seconds to start, while the first element comes from the fastest); the window lasts
     ``timing.duration_s`` and ``timing.window_rounds`` rounds, so that it spans several of each worker's
     batches however long one worker needs for a batch. Rounds stretch neither beyond
-    ``timing.rounds_cap_s``."""
+    ``timing.rounds_cap_s``. The trace of an in-graph consumer (milliseconds, the harness's own cost)
+    stays out of the time to first element."""
     started = time.perf_counter()
     pipeline = build()
     built = time.perf_counter()
@@ -98,12 +144,12 @@ def measure(build: Callable[[], Pipeline], timing: Timing, round_items: int = 0)
         return elapsed >= seconds and (items >= rounds * round_items or elapsed >= timing.rounds_cap_s)
 
     try:
-        iterator = iter(pipeline.elements)
-        count = first_count = touch(next(iterator), pipeline.batched)
+        iterator, consumed, trace_s = consume(pipeline, in_graph)
+        count = first_count = next(iterator)
         first = now = time.perf_counter()
         window_start, window_count = None, 0
-        for element in iterator:
-            count += touch(element, pipeline.batched)
+        for delivered in iterator:
+            count += delivered
             now = time.perf_counter()
             if window_start is None:
                 if over(now - first, count - first_count, timing.warmup_s, timing.warmup_rounds):
@@ -120,8 +166,10 @@ def measure(build: Callable[[], Pipeline], timing: Timing, round_items: int = 0)
     return {
         "rate": rate,
         "startup_s": built - started,
-        "first_s": first - started,
+        "first_s": first - started - trace_s,
         "elements": count,
+        "consumed": consumed,
+        **({"trace_s": trace_s} if consumed == IN_GRAPH else {}),
         **notes,
     }
 
@@ -164,13 +212,21 @@ class Plan:
             (
                 c.name,
                 lambda c=c: measure(
-                    lambda: c.build(workload, workers), self.timing, c.round_items(workload, workers)
+                    lambda: c.build(workload, workers),
+                    self.timing,
+                    c.round_items(workload, workers),
+                    workload.in_graph,
                 ),
             )
             for c in self.contenders
             if c.workloads is None or workload.name in c.workloads
         ]
-        rows.append(("from_generator-ceiling", lambda: measure(lambda: ceiling(workload, 0), self.timing)))
+        rows.append(
+            (
+                "from_generator-ceiling",
+                lambda: measure(lambda: ceiling(workload, 0), self.timing, in_graph=workload.in_graph),
+            )
+        )
         if workload.limit == "ideal-cpu":
             rows.append(("one-core", lambda: measure_call(one_core, workload, self.timing)))
         if workload.limit == "memcpy":

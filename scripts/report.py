@@ -45,6 +45,9 @@ def summarize(plan: Plan) -> dict:
                 if values:
                     row[key] = statistics.median(values)
                     row[key + "_min"], row[key + "_max"] = min(values), max(values)
+            consumed = {r["consumed"] for r in ok if "consumed" in r}
+            if consumed:
+                row["consumed"] = ", ".join(sorted(consumed))
             errors = [r["error"] for r in reps if "error" in r]
             if errors:
                 row["errors"] = errors
@@ -98,7 +101,7 @@ def ordered_rows(rows: dict) -> list[str]:
 def table(summary: dict) -> str:
     header = (
         f"{'workload':<15} {'row':<23} {'elem/s':>10} {'min-max':>19} {'MB/s':>8} "
-        f"{'start s':>8} {'first s':>8} {'x best':>7} {'vs limit':>8}"
+        f"{'start s':>8} {'first s':>8} {'x best':>7} {'vs limit':>8} consumed"
     )
     lines = [header, "-" * len(header)]
     for name, entry in summary.items():
@@ -115,7 +118,8 @@ def table(summary: dict) -> str:
             lines.append(
                 f"{'':<15} {row_name:<23} {row['rate']:>10,.0f} {spread:>19} {mbs:>8,.0f} "
                 f"{_num(row.get('startup_s'), 3):>8} {_num(row.get('first_s'), 3):>8} "
-                f"{_num(row.get('vs_best'), 2, 'x'):>7} {_num(row.get('vs_limit'), 0, '%', 100):>8}"
+                f"{_num(row.get('vs_best'), 2, 'x'):>7} {_num(row.get('vs_limit'), 0, '%', 100):>8} "
+                f"{row.get('consumed', '')}".rstrip()
             )
     return "\n".join(lines)
 

@@ -104,7 +104,8 @@ def scaling(workloads: list[Workload], reps: int, timing: Timing, progress: Any)
             for name, count, build, round_items in jobs[shift:] + jobs[:shift]:
                 progress.set_postfix_str(f"rep {rep + 1}/{reps} {workload.name} {name} x{count}")
                 try:
-                    rate = measure(functools.partial(build, workload, count), timing, round_items)["rate"]
+                    pipeline = functools.partial(build, workload, count)
+                    rate = measure(pipeline, timing, round_items, workload.in_graph)["rate"]
                 except Exception as error:
                     progress.write(f"{workload.name} / {name} x{count}: {type(error).__name__}: {error}")
                     rate = None

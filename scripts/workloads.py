@@ -132,6 +132,9 @@ class Workload:
     """What bounds it: ``ideal-io`` (workers / sleep), ``ideal-cpu`` (one core's rate x cores),
     ``memcpy`` or ``ceiling`` (from_generator over an in-memory list)."""
     what: str
+    in_graph: bool = False
+    """Consumed inside the `tf.data` graph, as training consumes large elements, rather than by a Python
+    loop, whose ``EagerTensor.numpy()`` would copy each one."""
 
     @property
     def source(self) -> Callable[..., Iterator[Any]]:
@@ -145,7 +148,7 @@ WORKLOADS: dict[str, Workload] = {
         Workload("io", io_item, None, "ideal-io", "sleeps 10 ms per element"),
         Workload("decode", decode_item, None, "ideal-cpu", "JPEG 500x375 -> 224x224"),
         Workload("python", python_item, None, "ideal-cpu", "~5 ms of GIL-holding Python"),
-        Workload("transfer", transfer_item, None, "memcpy", "one 8 MiB float32 array"),
+        Workload("transfer", transfer_item, None, "memcpy", "one 8 MiB float32 array", in_graph=True),
         Workload("tiny", tiny_item, None, "ceiling", "10 float32 + label, no work"),
         Workload("decode-batched", decode_item, DECODE_BATCH, "ideal-cpu", "decode, batches of 64"),
     ]
