@@ -3,7 +3,7 @@
 Part 1 runs the `io`, `decode` and `python` workloads with 1, 2, 4, ... workers (up to twice the usable
 cores, and up to 32 for `io`) for every contender that takes a worker count, beside `from_generator`
 (which has none) and the ideal: for `io` N / 10 ms, otherwise one core's rate x min(N, cores). Each
-warm-up and window lasts whole rounds of the workers too (`bench.measure`), so that `mpfeed-b16`, whose
+warm-up and window lasts whole rounds of the workers too (`harness.measure`), so that `mpfeed-b16`, whose
 workers need 160 ms for one batch on `io`, is timed over several batches of every worker even in the
 short windows of ``--quick``.
 
@@ -22,17 +22,24 @@ import argparse
 import datetime
 import functools
 import json
+import os
 import statistics
 import sys
 import time
 from typing import Any
 
-import bench
-import numpy as np
-from bench import Contender, Timing, measure, settle, usable_cores
-from workloads import IO_SLEEP_S, WORKLOADS, Workload
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import mpfeed
+import numpy as np  # noqa: E402
+from harness import Contender, Pipeline, Timing, measure, settle, touch, usable_cores  # noqa: E402
+from limits import one_core  # noqa: E402
+from report import RESULTS_DIR, machine, warn_if_engine_changed  # noqa: E402
+from workloads import ENDLESS, IO_SLEEP_S, WORKLOADS, Workload  # noqa: E402
+
+import mpfeed  # noqa: E402
+
+# The contenders, and TensorFlow with them, are imported where they are used: a spawned worker (Grain's)
+# imports this script again, and needs none of them.
 
 PREDICT_WORK_MS = (1, 5, 20)
 STARTUP_WORKERS = 16
@@ -48,21 +55,25 @@ def worker_counts(workload: Workload, cores: int) -> list[int]:
     return counts
 
 
-def mpfeed_b16(workload: Workload, workers: int) -> bench.Pipeline:
-    return bench.mpfeed_dataset(workload, workers, batch_size=16)
+def mpfeed_b16(workload: Workload, workers: int) -> Pipeline:
+    from contenders import mpfeed_dataset
+
+    return mpfeed_dataset(workload, workers, batch_size=16)
 
 
 def scaling_contenders(workload: Workload, workers: int) -> list[Contender]:
     """The contenders that take a worker count. PyTorch's and Grain's loaders, when installed, run up to
     `PEER_MAX_WORKERS`: each of their workers imports this script again, which at 32 workers takes longer
     than the measurement."""
-    peers = [peer for peer in bench.PEERS if bench.importable(bench.PEER_MODULES[peer.name])]
+    from contenders import PEER_MODULES, PEERS, importable, keras_pydataset, mp_pool, mpfeed_dataset, tf_map
+
+    peers = [peer for peer in PEERS if importable(PEER_MODULES[peer.name])]
     contenders = [
-        Contender("tf-map", lambda w, n: bench.tf_map(w, n, parallel=n)),
-        Contender("keras-pydataset", bench.keras_pydataset),
-        Contender("mp-pool", bench.mp_pool),
+        Contender("tf-map", lambda w, n: tf_map(w, n, parallel=n)),
+        Contender("keras-pydataset", keras_pydataset),
+        Contender("mp-pool", mp_pool),
         *(peers if workers <= PEER_MAX_WORKERS else []),
-        Contender("mpfeed", bench.mpfeed_dataset),
+        Contender("mpfeed", mpfeed_dataset),
     ]
     if workload.name == "io":
         contenders.append(Contender("mpfeed-b16", mpfeed_b16, batch_size=16))
@@ -74,14 +85,16 @@ def scaling_contenders(workload: Workload, workers: int) -> list[Contender]:
 
 def scaling(workloads: list[Workload], reps: int, timing: Timing, progress: Any) -> dict:
     """``{workload: {"one_core": rate, "rows": {contender: {workers: [rates]}}}}``, interleaved."""
+    from contenders import from_generator
+
     cores = usable_cores()
     results: dict = {w.name: {"one_core": [], "rows": {}} for w in workloads}
     for rep in range(reps):
         for workload in workloads:
             entry = results[workload.name]
             if workload.limit == "ideal-cpu":
-                entry["one_core"].append(bench.one_core(workload, timing.duration_s))
-            jobs = [("from_generator", 1, bench.from_generator, 1)]
+                entry["one_core"].append(one_core(workload, timing.duration_s))
+            jobs = [("from_generator", 1, from_generator, 1)]
             for count in worker_counts(workload, cores):
                 jobs += [
                     (c.name, count, c.build, c.round_items(workload, count))
@@ -91,7 +104,8 @@ def scaling(workloads: list[Workload], reps: int, timing: Timing, progress: Any)
             for name, count, build, round_items in jobs[shift:] + jobs[:shift]:
                 progress.set_postfix_str(f"rep {rep + 1}/{reps} {workload.name} {name} x{count}")
                 try:
-                    rate = measure(functools.partial(build, workload, count), timing, round_items)["rate"]
+                    pipeline = functools.partial(build, workload, count)
+                    rate = measure(pipeline, timing, round_items, workload.in_graph)["rate"]
                 except Exception as error:
                     progress.write(f"{workload.name} / {name} x{count}: {type(error).__name__}: {error}")
                     rate = None
@@ -169,18 +183,18 @@ def cpu_seconds(feeder: mpfeed.Feeder) -> float:
 
 def consumer_cost(workload: Workload, workers: int, timing: Timing, batch_size: int | None, via: str) -> dict:
     """CPU seconds per element in the consumer process and in the workers, over a steady window."""
-    feeder = mpfeed.Feeder(workload.source, args=(bench.ENDLESS,), workers=workers, batch_size=batch_size)
+    feeder = mpfeed.Feeder(workload.source, args=(ENDLESS,), workers=workers, batch_size=batch_size)
     try:
         elements = feeder if via == "direct" else feeder.dataset()
         batched = batch_size is not None
         iterator = iter(elements)
         warm_until = time.perf_counter() + timing.warmup_s + 0.3  # workers' own start-up CPU stays out
         while time.perf_counter() < warm_until:
-            bench.touch(next(iterator), batched)
+            touch(next(iterator), batched)
         count, workers_cpu = 0, cpu_seconds(feeder)
         wall, consumer = time.perf_counter(), time.process_time()  # every thread of this process
         while time.perf_counter() - wall < timing.duration_s:
-            count += bench.touch(next(iterator), batched)
+            count += touch(next(iterator), batched)
         consumer = time.process_time() - consumer
         wall = time.perf_counter() - wall
         workers_cpu = cpu_seconds(feeder) - workers_cpu
@@ -192,7 +206,7 @@ def consumer_cost(workload: Workload, workers: int, timing: Timing, batch_size: 
 
 def source_cost(workload: Workload, duration: float) -> float:
     """Seconds per element of the source's own work, alone in a fresh interpreter."""
-    return 1 / bench.one_core(workload, duration)
+    return 1 / one_core(workload, duration)
 
 
 START_METHODS = ("forkserver", "spawn")
@@ -202,7 +216,7 @@ def startup(workers: int, start_method: str) -> dict:
     """Seconds until the constructor returns, and until every worker has delivered an element."""
     started = time.perf_counter()
     feeder = mpfeed.Feeder(
-        WORKLOADS["tiny"].source, args=(bench.ENDLESS,), workers=workers, start_method=start_method
+        WORKLOADS["tiny"].source, args=(ENDLESS,), workers=workers, start_method=start_method
     )
     built = time.perf_counter()
     try:
@@ -358,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     reps = args.reps or (1 if args.quick else 3)
     timing = Timing(duration_s=0.3, warmup_s=0.1) if args.quick else Timing(duration_s=1.0, warmup_s=0.3)
     cores = usable_cores()
-    info = bench.machine()
+    info = machine()
     started = time.perf_counter()
     per_rep = sum(
         1 + sum(len(scaling_contenders(w, count)) for count in worker_counts(w, cores)) for w in workloads
@@ -367,11 +381,11 @@ def main(argv: list[str] | None = None) -> None:
     with tqdm(total=total, desc="scale", unit="run", file=sys.stderr, dynamic_ncols=True) as progress:
         raw = scaling(workloads, reps, timing, progress)
         cost = None if args.no_costs else costs(reps, timing, progress)
-    bench.warn_if_engine_changed(info)
+    warn_if_engine_changed(info)
     summary = summarize_scaling(workloads, raw)
 
-    bench.RESULTS_DIR.mkdir(exist_ok=True)
-    base = bench.RESULTS_DIR / f"scale-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    RESULTS_DIR.mkdir(exist_ok=True)
+    base = RESULTS_DIR / f"scale-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     document = {"machine": info, "command": " ".join(sys.argv), "options": vars(args), "timing": vars(timing)}
     document.update(scaling=summary, costs=cost, raw=raw)
     base.with_suffix(".json").write_text(json.dumps(document, indent=1, default=_plain))

@@ -26,6 +26,7 @@ JPEG_QUALITY = 90
 TRANSFER_FLOATS = 2 * 1024 * 1024  # 8 MiB of float32
 TINY_VALUES = 10
 DECODE_BATCH = 64
+ENDLESS = 10**9  # items offered to every pipeline; a measurement stops on time, not on exhaustion
 
 # How many annotation records the `python` workload parses per element: about 5 ms of GIL-holding work
 # on one core of the 2-core AMD EPYC it was tuned on (the benchmark measures and reports the real rate).
@@ -131,6 +132,9 @@ class Workload:
     """What bounds it: ``ideal-io`` (workers / sleep), ``ideal-cpu`` (one core's rate x cores),
     ``memcpy`` or ``ceiling`` (from_generator over an in-memory list)."""
     what: str
+    in_graph: bool = False
+    """Consumed inside the `tf.data` graph, as training consumes large elements, rather than by a Python
+    loop, whose ``EagerTensor.numpy()`` would copy each one."""
 
     @property
     def source(self) -> Callable[..., Iterator[Any]]:
@@ -144,11 +148,46 @@ WORKLOADS: dict[str, Workload] = {
         Workload("io", io_item, None, "ideal-io", "sleeps 10 ms per element"),
         Workload("decode", decode_item, None, "ideal-cpu", "JPEG 500x375 -> 224x224"),
         Workload("python", python_item, None, "ideal-cpu", "~5 ms of GIL-holding Python"),
-        Workload("transfer", transfer_item, None, "memcpy", "one 8 MiB float32 array"),
+        Workload("transfer", transfer_item, None, "memcpy", "one 8 MiB float32 array", in_graph=True),
         Workload("tiny", tiny_item, None, "ceiling", "10 float32 + label, no work"),
         Workload("decode-batched", decode_item, DECODE_BATCH, "ideal-cpu", "decode, batches of 64"),
     ]
 }
+
+
+def leaves(element: Any) -> list[Any]:
+    """The arrays of one element (tuples, lists and dicts of them) in `tf.nest.flatten`'s order, without
+    TensorFlow."""
+    if isinstance(element, dict):
+        return [leaf for key in sorted(element) for leaf in leaves(element[key])]
+    if isinstance(element, (tuple, list)):
+        return [leaf for part in element for leaf in leaves(part)]
+    return [element]
+
+
+def element_bytes(workload: Workload) -> int:
+    return sum(np.asarray(leaf).nbytes for leaf in leaves(workload.item(0)))
+
+
+class IndexedItems:
+    """Random access to a workload's items (or batches of them), for the index-based loaders. Plain numpy,
+    and defined here rather than beside those loaders: Grain's spawned workers unpickle it by importing
+    this module, which loads no TensorFlow."""
+
+    def __init__(self, name: str, length: int = ENDLESS) -> None:
+        self.name = name
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Any:
+        workload = WORKLOADS[self.name]
+        if not workload.batch_size:
+            return workload.item(index)
+        first = index * workload.batch_size
+        items = [workload.item(i) for i in range(first, first + workload.batch_size)]
+        return tuple(np.stack(column) for column in zip(*items))  # every batched workload is a tuple
 
 
 def calls_per_second(call: Callable[[int], Any], seconds: float) -> float:
