@@ -238,13 +238,16 @@ def test_an_unpicklable_source_or_argument_is_refused_before_any_worker_starts()
     assert not psutil.Process().children()
 
 
-def test_dev_shm_too_small_is_refused_before_any_worker_starts():
+@pytest.mark.parametrize("ring_memory, fix", [("posix", "--shm-size"), ("auto", "--memory")])
+def test_rings_too_big_for_dev_shm_or_memory_are_refused_before_any_worker_starts(ring_memory, fix):
     free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
-    slot_bytes = free  # 2 workers x depth 2 x everything free: four times too much
+    slot_bytes = max(free, psutil.virtual_memory().total)  # 2 workers x depth 2: four times too much
     with pytest.raises(mpfeed.ShmSpaceError) as caught:
-        mpfeed.Feeder(sources.numbered, args=(4,), workers=2, depth=2, slot_bytes=slot_bytes)
+        mpfeed.Feeder(
+            sources.numbered, args=(4,), workers=2, depth=2, slot_bytes=slot_bytes, ring_memory=ring_memory
+        )
     message = str(caught.value)
-    assert "--shm-size" in message and "fewer workers" in message and "slot_bytes" in message
+    assert fix in message and "fewer workers" in message and "slot_bytes" in message
     assert f"{4 * mpfeed.layout.align(slot_bytes):,}" in message
     assert not psutil.Process().children()
     assert isinstance(caught.value, OSError)
