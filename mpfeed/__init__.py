@@ -1,6 +1,6 @@
 """mpfeed: feed tf.data from a slow Python generator with every core.
 
-    source(*args, shard)         worker processes, one per shard; never import TensorFlow
+    source(*args, shard)         worker processes, one per shard; never import TensorFlow (tfguard)
           |  element (a nest of numpy arrays and scalars)
           v
     layout.Encoder ----------->  ring slot       one shared-memory ring per worker, depth slots,
@@ -12,7 +12,9 @@
           v                         v
     Feeder.dataset() ------->  tf.data.Dataset.from_generator (TensorFlow aliases aligned arrays)
 
-Control flows the other way: Feeder -> Supervisor -> workers (epochs, credits, stop).
+Control flows the other way: Feeder -> Supervisor -> workers (epochs, credits, stop). Processes start
+through launcher (parent side) and bootstrap (child side), directly or from a fork server; the consumer
+reads every pipe through a non-blocking channel, under the feeder's one lock.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    BrokenError,
     ClosedError,
     ElementError,
     MpfeedError,
     ShmSpaceError,
     SourceError,
+    SupersededError,
     WorkerDiedError,
     WorkerError,
     WorkerTimeoutError,
@@ -37,6 +41,7 @@ if TYPE_CHECKING:
     from .tf import from_generator
 
 __all__ = [
+    "BrokenError",
     "ClosedError",
     "ElementError",
     "Feeder",
@@ -45,6 +50,7 @@ __all__ = [
     "Shard",
     "ShmSpaceError",
     "SourceError",
+    "SupersededError",
     "WorkerDiedError",
     "WorkerError",
     "WorkerStats",

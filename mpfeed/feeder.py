@@ -292,7 +292,13 @@ class Feeder:
             thread.join(_SHUTDOWN_JOIN_S)
         try:
             self._finalizer()
-            self._supervisor.close()  # finishes a shutdown that an exception interrupted
+            # Finish a shutdown that an exception interrupted, or wait for one under way in another thread.
+            acquired = self._lock.acquire(timeout=_LOCK_WAIT_S)
+            try:
+                self._supervisor.close()
+            finally:
+                if acquired:
+                    self._lock.release()
         except BaseException:
             self._finalizer = self._arm_finalizer()
             raise

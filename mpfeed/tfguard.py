@@ -44,81 +44,101 @@ class _InertModule(types.ModuleType):
         return _stand_in(f"{self.__name__}.{name}")
 
 
-class _StandIn(type):
-    """A stand-in for a TensorFlow or Keras object. Stand-ins are classes, so a script may subclass them at
-    its top level, decorate with them, call them and read their attributes; each gives another stand-in."""
+class _Refusals:
+    """What stand-ins do when used: refuse anything that needs a real value. Shared by stand-ins for
+    modules' attributes (classes, see `_StandIn`) and for what calling them returns (`_StandInValue`)."""
 
-    def __getattr__(cls, name: str) -> Any:
+    def __getattr__(self, name: str) -> Any:
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
-        return _stand_in(f"{cls.__qualname__}.{name}")
+        return _stand_in(f"{_name(self)}.{name}")
 
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        return _stand_in(f"{cls.__qualname__}()")
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _StandInValue(f"{_name(self)}()")
 
-    def __iter__(cls):
-        _lenient_or_refuse(cls, "iterating over")
+    def __iter__(self):
+        _lenient_or_refuse(self, "iterating over")
         return iter(())
 
-    def __len__(cls) -> int:
-        _lenient_or_refuse(cls, "len() of")
+    def __len__(self) -> int:
+        _lenient_or_refuse(self, "len() of")
         return 0
 
-    def __bool__(cls) -> bool:
-        _lenient_or_refuse(cls, "the truth value of")
+    def __bool__(self) -> bool:
+        _lenient_or_refuse(self, "the truth value of")
         return False  # as an empty list of devices would be
 
-    def __enter__(cls) -> Any:
-        _lenient_or_refuse(cls, "`with`")
-        return cls
+    def __enter__(self) -> Any:
+        _lenient_or_refuse(self, "`with`")
+        return self
 
-    def __exit__(cls, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: Any) -> None:
         return None
 
-    def __getitem__(cls, key: Any) -> Any:
-        return _stand_in(f"{cls.__qualname__}[]")
+    def __getitem__(self, key: Any) -> Any:
+        return _StandInValue(f"{_name(self)}[]")
 
-    def __array__(cls, *args: Any, **kwargs: Any) -> Any:
-        raise _refuse(cls.__qualname__, "converting to an array")
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        raise _refuse(_name(self), "converting to an array")
 
-    def __index__(cls) -> int:
-        raise _refuse(cls.__qualname__, "using as a number")
+    def __index__(self) -> int:
+        raise _refuse(_name(self), "using as a number")
 
-    def __int__(cls) -> int:
-        raise _refuse(cls.__qualname__, "using as a number")
+    def __int__(self) -> int:
+        raise _refuse(_name(self), "using as a number")
 
-    def __float__(cls) -> float:
-        raise _refuse(cls.__qualname__, "using as a number")
+    def __float__(self) -> float:
+        raise _refuse(_name(self), "using as a number")
 
-    def __repr__(cls) -> str:
+    def __repr__(self) -> str:
         return (
-            f"<inert stand-in for {cls.__qualname__}: mpfeed workers never load TensorFlow; "
+            f"<inert stand-in for {_name(self)}: mpfeed workers never load TensorFlow; "
             "do the work with numpy or Pillow>"
         )
 
 
+class _StandIn(_Refusals, type):
+    """A stand-in for a TensorFlow or Keras attribute. It is a class, so a script may subclass it at its
+    top level (``class Clock(keras.callbacks.Callback)``) or decorate with it."""
+
+
+class _StandInValue(_Refusals):
+    """What calling a stand-in returns (``tf.zeros(3)``): an object, since numpy never asks a class for
+    ``__array__`` and would silently make an empty object array of it."""
+
+    def __init__(self, name: str) -> None:
+        object.__setattr__(self, "_stand_in_name", name)
+
+
+def _name(stand_in: Any) -> str:
+    if isinstance(stand_in, type):
+        return stand_in.__qualname__
+    return object.__getattribute__(stand_in, "_stand_in_name")
+
+
 def _arithmetic(symbol: str):
-    def refuse(cls: Any, *other: Any) -> Any:
-        raise _refuse(cls.__qualname__, f"arithmetic ({symbol}) on")
+    def refuse(self: Any, *other: Any) -> Any:
+        raise _refuse(_name(self), f"arithmetic ({symbol}) on")
 
     return refuse
 
 
-for _name, _symbol in {
+for _name_, _symbol in {
     "add": "+", "sub": "-", "mul": "*", "matmul": "@", "truediv": "/", "floordiv": "//", "mod": "%",
     "pow": "**", "lshift": "<<", "rshift": ">>", "and": "&", "xor": "^", "or": "|",
 }.items():  # fmt: skip
-    for _form in (f"__{_name}__", f"__r{_name}__"):
-        setattr(_StandIn, _form, _arithmetic(_symbol))
-for _form, _symbol in {"__neg__": "-", "__pos__": "+", "__abs__": "abs", "__invert__": "~"}.items():
-    setattr(_StandIn, _form, _arithmetic(_symbol))
-for _form, _symbol in {"__lt__": "<", "__le__": "<=", "__gt__": ">", "__ge__": ">="}.items():
-    setattr(_StandIn, _form, _arithmetic(_symbol))
+    for _form in (f"__{_name_}__", f"__r{_name_}__"):
+        setattr(_Refusals, _form, _arithmetic(_symbol))
+for _form, _symbol in {
+    "__neg__": "-", "__pos__": "+", "__abs__": "abs", "__invert__": "~",
+    "__lt__": "<", "__le__": "<=", "__gt__": ">", "__ge__": ">=",
+}.items():  # fmt: skip
+    setattr(_Refusals, _form, _arithmetic(_symbol))
 
 
-def _lenient_or_refuse(cls: Any, use: str) -> None:
+def _lenient_or_refuse(stand_in: Any, use: str) -> None:
     if not _lenient:
-        raise _refuse(cls.__qualname__, use)
+        raise _refuse(_name(stand_in), use)
 
 
 def _stand_in(name: str) -> type:
@@ -128,7 +148,7 @@ def _stand_in(name: str) -> type:
 
 
 def is_stand_in(value: Any) -> bool:
-    return isinstance(value, _StandIn)
+    return isinstance(value, _Refusals)
 
 
 class _TensorFlowGuard(importlib.abc.MetaPathFinder, importlib.abc.Loader):

@@ -198,3 +198,79 @@ def ignores_sigterm(shard):
 def no_shard_parameter(n):
     """A plain generator function that forgot the ``shard`` keyword."""
     yield from range(n)
+
+
+def exits_mid_stream(n, at, shard):
+    """Worker 1 calls os._exit(0) at its element ``at``; the others run on."""
+    for k, i in enumerate(range(shard.index, n, shard.count)):
+        if shard.index == 1 and k == at:
+            os._exit(0)
+        time.sleep(0.0005)
+        yield np.full((8, 8), i, dtype=np.int64), i
+
+
+def uses_tensorflow(how, shard):
+    """Uses TensorFlow inside the worker, the way a source might by mistake."""
+    import tensorflow as tf
+
+    yield np.zeros(3), 0
+    value = tf.zeros(3)
+    if how == "asarray":
+        yield np.asarray(value), 1
+    elif how == "len":
+        yield np.zeros(len(value)), 1
+    elif how == "bool":
+        yield np.zeros(3 if value else 2), 1
+    elif how == "iter":
+        yield np.array(list(value)), 1
+    elif how == "arithmetic":
+        yield value * 2, 1
+    else:
+        yield value, 1
+
+
+def first_fails_elsewhere(n, shard):
+    """Worker 0's first element is slow; worker 1 fails at once: the failure is not at element 0."""
+    if shard.index == 1:
+        raise ValueError("worker 1 cannot start its shard")
+    time.sleep(0.3)
+    for i in range(shard.index, n, shard.count):
+        yield np.full(4, i, dtype=np.int64), i
+
+
+def healthy_but_deaf(n, stalled_raises, shard):
+    """Worker 0 ignores SIGTERM and sleeps long after its first element; worker 1 stalls forever (or
+    raises, with ``stalled_raises``) after its first element."""
+    if shard.index == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for k, i in enumerate(range(shard.index, n, shard.count)):
+        if k == 1:
+            if shard.index == 1 and stalled_raises:
+                raise ValueError("worker 1 gives up")
+            time.sleep(3600 if shard.index == 1 else 8)
+        yield np.full(4, i, dtype=np.int64), i
+
+
+def same_size(n, shard):
+    """Elements of one size: no record ever overflows its slot."""
+    for i in range(shard.index, n, shard.count):
+        yield np.full(1000, i % 251, dtype=np.uint8), i
+
+
+def leaf_values(leaves, shard):
+    """Yields {"text": leaf} for each leaf (worker 0 only)."""
+    if shard.index == 0:
+        for leaf in leaves:
+            yield {"text": leaf}
+
+
+def growing_image(n, size, shard):
+    """{"image": (size + i, size, 3) uint8, "label": i}: the image's shape changes every element."""
+    for i in range(shard.index, n, shard.count):
+        yield {"image": np.full((size + i, size, 3), i % 251, dtype=np.uint8), "label": i}
+
+
+def images(n, shard):
+    """224x224x3 uint8 images whose content identifies them."""
+    for i in range(shard.index, n, shard.count):
+        yield np.full((224, 224, 3), i % 251, dtype=np.uint8), i
