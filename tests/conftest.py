@@ -4,6 +4,8 @@ behind. (A test that hangs is ended by pytest's faulthandler_timeout, see pyproj
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import threading
 import time
 
@@ -55,3 +57,13 @@ def no_leaks(request):
 def start_method(request):
     """Run the test under each way mpfeed starts its workers."""
     return request.param
+
+
+def can_mount_a_private_tmpfs() -> bool:
+    """Whether a test may mount a small tmpfs on /dev/shm in a private mount namespace (root, unshare -m)."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"], capture_output=True
+    )
+    return probe.returncode == 0

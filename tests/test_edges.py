@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import numpy as np
 import psutil
 import pytest
 import sources
+from conftest import can_mount_a_private_tmpfs
 
 import mpfeed
 
@@ -145,15 +145,6 @@ def test_ctrl_c_during_dataset_iteration_prints_nothing_more_and_stops(tmp_path)
         consumer.wait()
 
 
-def _can_mount_a_private_tmpfs() -> bool:
-    if shutil.which("unshare") is None or os.geteuid() != 0:
-        return False
-    probe = subprocess.run(
-        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"], capture_output=True
-    )
-    return probe.returncode == 0
-
-
 _DOCKER_SCRIPT = textwrap.dedent(
     """
     import json, os, numpy as np, mpfeed, sources
@@ -175,7 +166,7 @@ _DOCKER_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not _can_mount_a_private_tmpfs(), reason="needs root and unshare -m to mount a tmpfs")
+@pytest.mark.skipif(not can_mount_a_private_tmpfs(), reason="needs root and unshare -m to mount a tmpfs")
 def test_dockers_64_mib_dev_shm_just_works():
     """8 workers x depth 4 x batches of 64 images (9.6 MiB each) need 300 MiB of rings."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ import time
 
 import psutil
 import pytest
+from conftest import can_mount_a_private_tmpfs
 
 from mpfeed.errors import ShmSpaceError
 from mpfeed.ring import ALIGN, Ring, _memory_cgroup_dirs
@@ -179,15 +179,6 @@ def test_a_ring_beyond_the_memory_available_is_refused_before_reserving_anything
     assert dev_shm() == before
 
 
-def _can_mount_a_private_tmpfs() -> bool:
-    if shutil.which("unshare") is None or os.geteuid() != 0:
-        return False
-    probe = subprocess.run(
-        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"], capture_output=True
-    )
-    return probe.returncode == 0
-
-
 SMALL_DEV_SHM = """
     import json, os, subprocess, sys
     from mpfeed.ring import Ring
@@ -219,7 +210,7 @@ SMALL_DEV_SHM = """
 
 
 @pytest.mark.skipif(
-    not _can_mount_a_private_tmpfs(), reason="needs root and unshare -m to mount a small tmpfs"
+    not can_mount_a_private_tmpfs(), reason="needs root and unshare -m to mount a small tmpfs"
 )
 def test_auto_puts_rings_that_a_32_mib_dev_shm_cannot_hold_in_memfds_and_leaves_dev_shm_untouched():
     mount = "mount -t tmpfs -o size=32m tmpfs /dev/shm &&"

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from conftest import can_mount_a_private_tmpfs
 
 SCRIPT = textwrap.dedent(
     """
@@ -37,17 +37,8 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _can_mount_a_private_tmpfs() -> bool:
-    if shutil.which("unshare") is None or os.geteuid() != 0:
-        return False
-    probe = subprocess.run(
-        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"], capture_output=True
-    )
-    return probe.returncode == 0
-
-
 @pytest.mark.skipif(
-    not _can_mount_a_private_tmpfs(), reason="needs root and unshare -m to mount a small tmpfs"
+    not can_mount_a_private_tmpfs(), reason="needs root and unshare -m to mount a small tmpfs"
 )
 def test_a_32_mib_dev_shm_refuses_posix_rings_clearly_and_moves_the_rest_to_memfd():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
