@@ -54,7 +54,12 @@ class _Failed(Exception):
 def run(connection: Connection, source: Any, args: tuple, kwargs: dict, setup: protocol.WorkerSetup) -> int:
     """Produce epochs until stopped; returns the process exit code."""
     _watch_parent(setup.parent_pid, setup.consumer_pid)
-    return _Worker(connection, source, args, kwargs, setup).run()
+    try:
+        worker = _Worker(connection, source, args, kwargs, setup)
+    except BaseException as error:  # a fault of mpfeed's own (attaching the ring): say so
+        report_failure(connection, "worker", error, element=None, epoch=0)
+        return EXIT_FAILED
+    return worker.run()
 
 
 def _watch_parent(parent_pid: int, consumer_pid: int) -> None:

@@ -183,3 +183,16 @@ def test_dockers_64_mib_dev_shm_just_works():
     assert outcome["epochs"] == [list(range(512))] * 2
     assert outcome["ring_memory"] == "memfd"
     assert outcome["during"] == [] and outcome["after"] == []
+
+
+def test_a_fault_in_mpfeeds_own_worker_code_is_not_blamed_on_the_source(start_method):
+    import steals_ring_names
+
+    with mpfeed.Feeder(
+        steals_ring_names.source, workers=1, slot_bytes=4096, ring_memory="posix", start_method=start_method
+    ) as feeder:
+        with pytest.raises(mpfeed.WorkerError) as caught:
+            list(feeder)
+    error = caught.value
+    assert not isinstance(error, mpfeed.SourceError)
+    assert "failed in mpfeed's own worker code, not in your source: FileNotFoundError" in str(error)
