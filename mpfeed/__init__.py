@@ -34,7 +34,7 @@ from .errors import (
     WorkerError,
     WorkerTimeoutError,
 )
-from .shard import Shard
+from .shard import Shard, element_rng, element_seed, seekable
 
 if TYPE_CHECKING:
     from .feeder import Feeder, FeederStats, WorkerStats
@@ -55,7 +55,10 @@ __all__ = [
     "WorkerError",
     "WorkerStats",
     "WorkerTimeoutError",
+    "element_rng",
+    "element_seed",
     "from_generator",
+    "seekable",
 ]
 __version__ = "0.1.0"
 

@@ -34,7 +34,6 @@ from .state import FORMAT, check_state
 from .supervisor import Supervisor, WorkerConfig, WorkerHandle
 
 _WAIT_SLICE_S = 1.0  # longest single wait before re-checking liveness, closing and timeouts
-_LOOKAHEAD = 2  # tasks a worker of a random-access source holds beyond the one it makes (see dispatch.py)
 _LOCK_WAIT_S = 10.0  # for the thread taking an element to let go (it does within a wait slice)
 _SHUTDOWN_JOIN_S = 15.0  # for a background shutdown to finish its grace periods
 _EPOCH_END = object()
@@ -232,7 +231,7 @@ class Feeder:
         self._ordering: RoundRobin | FirstReady | Window
         if indexed:
             order = EpochOrder(length, seed, bool(shuffle), partition, batch_size, drop_remainder)
-            self._dispatcher = Dispatcher(order, depth, _LOOKAHEAD)
+            self._dispatcher = Dispatcher(order, depth, lookahead=depth)
             self._ordering = Window(self._dispatcher, self._ordered)
         else:
             self._ordering = RoundRobin() if self._ordered else FirstReady()

@@ -36,9 +36,12 @@ def check_state(state: Any, config: dict[str, Any]) -> None:
         if _plain(state.get(name)) != _plain(config.get(name))
     ]
     if differences:
+        hint = ""
+        if state.get("seed") != config.get("seed"):
+            hint = f" (a feeder made without a seed draws one at random: pass seed={state.get('seed')})"
         raise ValueError(
             "this state comes from a feeder configured differently, so its position means something "
-            "else here: " + "; ".join(differences)
+            "else here: " + "; ".join(differences) + hint
         )
 
 

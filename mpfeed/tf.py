@@ -6,8 +6,9 @@ views point into the ring; the feeder returns a slot only when the last such ten
 
 from __future__ import annotations
 
+import json
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -252,16 +253,46 @@ def _fits(chunk: list, leaves: list) -> bool:
 
 
 def from_generator(
-    source: Callable[..., Iterable[Any]],
+    source: Any,
     output_signature: Any = None,
     args: tuple = (),
+    *,
+    input_context: tf.distribute.InputContext | None = None,
     **feeder_options: Any,
 ) -> tf.data.Dataset:
     """Shaped like `tf.data.Dataset.from_generator`, but ``source`` runs in worker processes.
 
-    ``source(*args, shard=Shard, **kwargs)`` as for `mpfeed.Feeder`, whose options (``workers``,
-    ``batch_size``, ...) pass through. The dataset owns its feeder: the workers stop when it is collected.
+    ``source`` as for `mpfeed.Feeder` (a random-access object, or a generator function called as
+    ``source(*args, shard=Shard, **kwargs)``), whose options (``workers``, ``batch_size``, ``shuffle``,
+    ...) pass through. ``input_context`` (from ``strategy.distribute_datasets_from_function``) gives this
+    input pipeline its own partition of the data. The dataset owns its feeder: the workers stop when it is
+    collected.
     """
     from .feeder import Feeder
 
+    if input_context is not None:
+        if "partition" in feeder_options:
+            raise ValueError("pass input_context or partition, not both")
+        feeder_options["partition"] = (input_context.input_pipeline_id, input_context.num_input_pipelines)
     return Feeder(source, args=args, **feeder_options).dataset(output_signature)
+
+
+class FeederState(tf.train.experimental.PythonState):
+    """A feeder's position inside a `tf.train.Checkpoint`, saved and restored with the model.
+
+    ``tf.train.Checkpoint(model=model, feeder=mpfeed.tf.FeederState(feeder))``. Set ``consumed`` to the
+    number of elements of the current epoch the model has really consumed before saving (tf.data
+    prefetches ahead of it); left at None, the position is what the feeder has handed out. Restoring loads
+    the position, and the feeder's next iteration goes on from there.
+    """
+
+    def __init__(self, feeder: Feeder) -> None:
+        self.feeder = feeder
+        self.consumed: int | None = None
+
+    def serialize(self) -> str:
+        return json.dumps(self.feeder.state_dict(consumed=self.consumed))
+
+    def deserialize(self, string_value: Any) -> None:
+        text = string_value.decode() if isinstance(string_value, bytes) else str(string_value)
+        self.feeder.load_state_dict(json.loads(text))

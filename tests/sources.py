@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 
+import mpfeed
+
 
 def numbered(n, shard, shape=(3, 4)):
     """Element i is {"x": an array full of i, "i": i}; strided sharding keeps source order."""
@@ -290,3 +292,65 @@ class Numbers:
         if not 0 <= index < self.n:
             raise IndexError(index)
         return {"x": np.full(self.shape, index, dtype=np.float32), "i": index}
+
+
+class Faulty:
+    """A random-access source whose element ``at`` meets the fault ``how`` (see `strike`), whichever
+    worker makes it."""
+
+    def __init__(self, n, at, how):
+        self.n, self.at, self.how = n, at, how
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        if index == self.at:
+            strike(self.how)
+        return np.full((8, 8), index, dtype=np.int64), index
+
+
+class Slow:
+    """A random-access source: element ``slow_index`` takes ``slow_s`` seconds, every other one ``fast_s``."""
+
+    def __init__(self, n, slow_index, slow_s, fast_s=0.002):
+        self.n, self.slow_index, self.slow_s, self.fast_s = n, slow_index, slow_s, fast_s
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        time.sleep(self.slow_s if index == self.slow_index else self.fast_s)
+        return np.full(4, index, dtype=np.int64), index
+
+
+class Augmented:
+    """Draws from `mpfeed.element_rng()` and reports the worker that made the element."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, index):
+        return {"i": index, "draw": mpfeed.element_rng().random(), "pid": os.getpid()}
+
+
+class ShortBy:
+    """Claims ``n`` elements but raises IndexError for index ``n - 1``."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        if index >= self.n - 1:
+            raise IndexError(f"list index {index} out of range")
+        return np.zeros(2), index
+
+
+@mpfeed.seekable
+def seeks(n, shard):
+    """A generator source that starts its shard at ``shard.start`` itself (marked seekable)."""
+    for i in list(range(shard.index, n, shard.count))[shard.start :]:
+        yield np.full(4, i, dtype=np.int64), i
