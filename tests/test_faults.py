@@ -125,6 +125,40 @@ def test_crash_matrix(where, how, start_method):
 
 
 @pytest.mark.parametrize("how", FAULTS)
+@pytest.mark.parametrize("at", [0, 17])  # the first element, and one mid-epoch
+def test_crash_matrix_for_random_access_sources(at, how, start_method):
+    """Whichever worker makes element ``at`` meets the fault: the error names the worker, and for a
+    source's own exception the index and its position in the epoch; what came before arrives in order."""
+    kind, words = FAULTS[how]
+    with mpfeed.Feeder(
+        sources.Faulty(60, at, how),
+        workers=2,
+        depth=3,
+        timeout=1.0 if how == "stall" else None,
+        start_method=start_method,
+    ) as feeder:
+        error = _consume(feeder)
+        assert isinstance(error, kind), error
+        assert words in str(error)
+        assert error.worker in (0, 1) and f"worker {error.worker} (pid {error.pid})" in str(error)
+        assert len(error.delivered) <= at, "nothing at or after the failing element"
+        if how == "raise":
+            assert f"source[{at}] (position {at} of epoch 0)" in str(error)
+        with pytest.raises(kind):  # broken stays broken
+            next(iter(feeder))
+        processes = [psutil.Process(w.pid) for w in feeder.stats().workers if w.alive]
+    _assert_stopped(processes)
+
+
+def test_a_random_access_source_that_raises_index_error_below_its_length_is_told_so():
+    with mpfeed.Feeder(sources.ShortBy(10), workers=2) as feeder:
+        error = _consume(feeder)
+    assert isinstance(error, mpfeed.SourceError) and error.exc_type == "IndexError"
+    assert "raised IndexError for an index below its len()" in str(error)
+    assert "source[9] (position 9 of epoch 0)" in str(error)
+
+
+@pytest.mark.parametrize("how", FAULTS)
 def test_a_fault_while_closing_neither_raises_nor_hangs(how, start_method):
     feeder = mpfeed.Feeder(sources.faulty, args=(10_000, "close", how), workers=2, start_method=start_method)
     iterator = iter(feeder)
