@@ -316,22 +316,30 @@ class Feeder:
                 consumed is None or (_is_int(consumed) and consumed >= 0),
                 f"consumed must be an int >= 0 or None, got {consumed!r}",
             )
+            if self._resume is not None:  # loaded, and not yet iterated: that is where we stand
+                return dict(self._resume)
             dispatcher = self._dispatcher
-            delivered = len(dispatcher.log) if dispatcher is not None else len(self._delivered_from)
+            if dispatcher is not None:
+                before = dispatcher.base_position + len(dispatcher.base_done)
+                delivered = len(dispatcher.log)
+            else:
+                before, delivered = sum(self._resume_base[0]), len(self._delivered_from)
             _require(
-                consumed is None or consumed <= delivered,
-                f"consumed={consumed} but this epoch has handed out {delivered} elements so far",
+                consumed is None or before <= consumed <= before + delivered,
+                f"consumed={consumed}, but this epoch has handed out {before + delivered} elements so far"
+                + (f", {before} of them before the resume" if before else ""),
             )
+            in_run = None if consumed is None else consumed - before  # consumed since this run began
             state: dict[str, Any] = {"mpfeed": FORMAT, **self._config, "epoch": self._epoch}
-            whole = self._epoch_complete and (consumed is None or consumed == delivered)
-            if whole:  # the epoch is over: the next one starts from its beginning
+            if self._epoch_complete and (in_run is None or in_run == delivered):
+                # The epoch is over: the next one starts from its beginning.
                 return {**state, "epoch": self._epoch + 1, **self._fresh_position()}
             if dispatcher is not None:
-                position, done = dispatcher.done_after(consumed)
+                position, done = dispatcher.done_after(in_run)
                 return {**state, "position": position, "done": encode_done(position, done)}
             starts, cursor = self._resume_base
             starts = list(starts)
-            log = self._delivered_from if consumed is None else self._delivered_from[:consumed]
+            log = self._delivered_from if in_run is None else self._delivered_from[:in_run]
             for worker in log:
                 starts[worker] += 1
             if log:
