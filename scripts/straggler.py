@@ -13,6 +13,9 @@ slower (200 ms). Each pattern runs ordered (source order) and unordered (first r
 - ``torch-dataloader``: PyTorch's ``DataLoader(num_workers=8, batch_size=None, in_order=...)`` over the
   random-access source, when torch is installed.
 
+Beside them, the ceilings (`no-wait`): each loader, first ready, over the same elements at no cost: what
+its own per-element overhead allows on this machine.
+
 Every row is iterated directly, by a Python loop over the loader (no TensorFlow), and measured by
 `harness.measure`: start-up, time to first element, and the steady-state rate after a warm-up. ``ideal``
 is the workers' combined rate, the sum over workers of 1 / their mean cost. Repetitions are interleaved
@@ -46,6 +49,7 @@ from harness import Pipeline, Timing, measure, run_schedule
 from report import RESULTS_DIR, machine, warn_if_engine_changed
 from workloads import (
     ENDLESS,
+    NO_WAIT,
     STRAGGLER_PATTERNS,
     STRAGGLER_SLEEP_S,
     STRAGGLER_WORKERS,
@@ -143,6 +147,11 @@ def rows(contenders: tuple[str, ...] = CONTENDERS) -> list[Row]:
             made.append(Row(pattern, order, "mpfeed-generator", "mpfeed", mpfeed_generator))
             if torch:
                 made.append(Row(pattern, order, "torch-dataloader", "torch-dataloader", torch_dataloader))
+    # The ceilings: the same elements at no cost, first ready, through each loader's own machinery.
+    made.append(Row(NO_WAIT, "unordered", "mpfeed", "mpfeed", mpfeed_random_access))
+    made.append(Row(NO_WAIT, "unordered", "mpfeed-generator", "mpfeed", mpfeed_generator))
+    if torch:
+        made.append(Row(NO_WAIT, "unordered", "torch-dataloader", "torch-dataloader", torch_dataloader))
     return [row for row in made if row.contender in contenders]
 
 
@@ -156,9 +165,11 @@ def mean_cost(pattern: str) -> float:
     return statistics.fmean(straggler_cost(pattern, i) for i in range(IDEAL_SAMPLE))
 
 
-def ideal(pattern: str, workers: int) -> float:
+def ideal(pattern: str, workers: int) -> float | None:
     """The workers' combined rate: the sum over workers of 1 / mean cost (in `half-speed`, one worker's
-    mean cost is twice the others')."""
+    mean cost is twice the others'); None for the no-wait ceilings."""
+    if pattern == NO_WAIT:
+        return None
     rates = [1 / mean_cost(pattern)] * workers
     if pattern == "half-speed":
         rates[0] /= 2
@@ -193,9 +204,9 @@ def summarize(plan: list[Row], results: dict, workers: int) -> dict:
     summary: dict = {}
     for row in plan:
         limit = ideal(row.pattern, workers)
-        entry = summary.setdefault(
-            row.pattern, {"ideal": limit, "mean_cost_s": mean_cost(row.pattern), "rows": {}}
-        )
+        entry = summary.setdefault(row.pattern, {"ideal": limit, "rows": {}})
+        if limit:
+            entry["mean_cost_s"] = mean_cost(row.pattern)
         reps = results.get(row.pattern, {}).get(row.key, [])
         ok = [r for r in reps if "error" not in r]
         out: dict = {"order": row.order, "row": row.name, "reps": len(ok), "target": row.target}
@@ -206,8 +217,9 @@ def summarize(plan: list[Row], results: dict, workers: int) -> dict:
                 values = [r[key] for r in ok]
                 out[key] = statistics.median(values)
                 out[key + "_min"], out[key + "_max"] = min(values), max(values)
-            out["vs_ideal"] = out["rate"] / limit
-            out["vs_ideal_min"], out["vs_ideal_max"] = out["rate_min"] / limit, out["rate_max"] / limit
+            if limit:
+                out["vs_ideal"] = out["rate"] / limit
+                out["vs_ideal_min"], out["vs_ideal_max"] = out["rate_min"] / limit, out["rate_max"] / limit
             if row.target is not None:
                 out["met"] = out["vs_ideal"] >= row.target
             errors = [r["error"] for r in reps if "error" in r]
@@ -217,11 +229,15 @@ def summarize(plan: list[Row], results: dict, workers: int) -> dict:
     return summary
 
 
-def describe_ideal(pattern: str, workers: int) -> str:
+def describe_limit(pattern: str, limit: float | None, workers: int) -> str:
+    if limit is None:
+        return f"{pattern} (ceilings: the same elements at no cost, each loader's own per-element overhead)"
     cost_ms = mean_cost(pattern) * 1e3
     if pattern == "half-speed":
-        return f"{workers - 1} workers at {cost_ms:.2f} ms, 1 at {2 * cost_ms:.2f} ms"
-    return f"{workers} workers at a mean {cost_ms:.3f} ms"
+        costs = f"{workers - 1} workers at {cost_ms:.2f} ms, 1 at {2 * cost_ms:.2f} ms"
+    else:
+        costs = f"{workers} workers at a mean {cost_ms:.3f} ms"
+    return f"{pattern} (ideal {limit:,.0f}/s: {costs})"
 
 
 def table(summary: dict, workers: int) -> str:
@@ -231,7 +247,7 @@ def table(summary: dict, workers: int) -> str:
     )
     lines = [header, "-" * len(header)]
     for pattern, entry in summary.items():
-        lines.append(f"{pattern} (ideal {entry['ideal']:,.0f}/s: {describe_ideal(pattern, workers)})")
+        lines.append(describe_limit(pattern, entry["ideal"], workers))
         for row in entry["rows"].values():
             lead = f"{'':<11} {row['order']:<10} {row['row']:<17}"
             if "rate" not in row:
@@ -239,9 +255,13 @@ def table(summary: dict, workers: int) -> str:
                 continue
             target = f">={row['target']:.0%}" if row["target"] is not None else ""
             verdict = ("met" if row["met"] else "MISSED") if "met" in row else ""
+            share = spread = ""
+            if "vs_ideal" in row:
+                share = f"{row['vs_ideal']:.0%}"
+                spread = f"{row['vs_ideal_min'] * 100:.0f}-{row['vs_ideal_max']:.0%}"
             lines.append(
                 f"{lead} {row['rate']:>7,.0f} {row['rate_min']:>5,.0f}-{row['rate_max']:<6,.0f} "
-                f"{row['vs_ideal']:>8.0%} {row['vs_ideal_min'] * 100:>3.0f}-{row['vs_ideal_max']:<4.0%} "
+                f"{share:>8} {spread:<8} "
                 f"{target:>7} {verdict:<6} {row['startup_s']:>7.2f} {row['first_s']:>7.2f}"
                 + (f"  ({len(row['errors'])} failed)" if "errors" in row else "")
             )
@@ -263,8 +283,9 @@ def plot(summary: dict, path: str, title: str) -> None:
         high = [measured[n]["rate_max"] - measured[n]["rate"] for n in names]
         colors = ["tab:orange" if measured[n]["row"].startswith("mpfeed") else "tab:blue" for n in names]
         ax.barh(names, rates, xerr=[low, high], color=colors, capsize=2)
-        ax.axvline(entry["ideal"], color="tab:red", linestyle="--", label="ideal")
-        ax.legend(loc="lower right", fontsize=7)
+        if entry["ideal"]:
+            ax.axvline(entry["ideal"], color="tab:red", linestyle="--", label="ideal")
+            ax.legend(loc="lower right", fontsize=7)
         ax.invert_yaxis()
         ax.set_title(pattern, fontsize=10)
         ax.set_xlabel("elements/s (median, min-max)", fontsize=8)

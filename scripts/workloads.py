@@ -122,6 +122,7 @@ STRAGGLER_BYTES = 64
 LOGNORMAL_SIGMA = 1.0
 RARE_EVERY, RARE_AT, RARE_FACTOR = 100, 37, 50  # `one-in-100`: one index in each 100 costs 50x
 STRAGGLER_PATTERNS = ("half-speed", "lognormal", "one-in-100")
+NO_WAIT = "no-wait"  # the same elements at no cost: what a loader's own per-element overhead allows
 
 
 def straggler_cost(pattern: str, i: int) -> float:
@@ -141,7 +142,9 @@ def straggler_cost(pattern: str, i: int) -> float:
     if pattern == "one-in-100":
         block, position = divmod(i, RARE_EVERY)
         return STRAGGLER_SLEEP_S * (RARE_FACTOR if position == (RARE_AT + block) % RARE_EVERY else 1)
-    raise ValueError(f"unknown straggler pattern {pattern!r}; choose from {STRAGGLER_PATTERNS}")
+    if pattern == NO_WAIT:
+        return 0.0
+    raise ValueError(f"unknown straggler pattern {pattern!r}; choose from {(*STRAGGLER_PATTERNS, NO_WAIT)}")
 
 
 def straggler_item(pattern: str, i: int, slow: bool = False) -> tuple[np.ndarray, np.int64]:
