@@ -25,13 +25,16 @@ from typing import Any
 import psutil
 
 from . import bootstrap
+from .dispatch import Dispatcher, EpochOrder, decode_done, encode_done
 from .errors import BrokenError, ClosedError, ShmSpaceError, SupersededError, WorkerError, WorkerTimeoutError
 from .layout import align
 from .leases import Leases, Releases
-from .ordering import FirstReady, RoundRobin
+from .ordering import FirstReady, RoundRobin, Window
+from .state import FORMAT, check_state
 from .supervisor import Supervisor, WorkerConfig, WorkerHandle
 
 _WAIT_SLICE_S = 1.0  # longest single wait before re-checking liveness, closing and timeouts
+_LOOKAHEAD = 2  # tasks a worker of a random-access source holds beyond the one it makes (see dispatch.py)
 _LOCK_WAIT_S = 10.0  # for the thread taking an element to let go (it does within a wait slice)
 _SHUTDOWN_JOIN_S = 15.0  # for a background shutdown to finish its grace periods
 _EPOCH_END = object()
@@ -110,24 +113,32 @@ def _usable_cpus() -> int:
 class Feeder:
     """Runs ``source`` in worker processes and hands out its elements as read-only numpy views.
 
-    ``source(*args, shard=Shard, **kwargs)`` is called in every worker and returns an iterable of
-    elements; each worker takes its share (``items[shard.index::shard.count]``). Iterating the feeder
-    gives one epoch; iterating again starts the next epoch on the same processes. A feeder serves one pass
-    at a time: a new iteration supersedes an unfinished one.
+    ``source`` is either random access, an object with ``__len__`` and ``__getitem__(index)`` (a PyTorch
+    map dataset, Grain's RandomAccessDataSource, a list), whose workers make ``source[i]`` for the indices
+    the feeder hands them, in an order it owns; or a generator function, called in every worker as
+    ``source(*args, shard=Shard, **kwargs)``, where each worker takes its share
+    (``items[shard.index::shard.count]``). Iterating the feeder gives one epoch; iterating again starts
+    the next epoch on the same processes. A feeder serves one pass at a time: a new iteration supersedes
+    an unfinished one.
 
     Args:
-        source: a module-level generator function (it is pickled and imported by every worker).
-        args, kwargs: any picklable objects, sent once to every worker and passed to ``source``.
+        source: a random-access object, or a module-level generator function (either is pickled and
+            sent to every worker).
+        args, kwargs: any picklable objects, sent once to every worker and passed to a generator source.
         workers: worker processes; default: the CPUs this process may use.
         depth: slots per worker ring, i.e. how many records each worker may have ready ahead.
         slot_bytes: slot size; default: sized from each worker's first record with 25% headroom. A
             bigger record still arrives intact through the worker's pipe (``stats().overflow``).
         batch_size: workers stack this many elements into one record; the feeder yields batches.
-        drop_remainder: drop each worker's last, short batch.
-        ordered: True for round-robin over the shards (source order with strided shards); False for
-            first ready (stragglers hold nothing up).
-        seed: a non-negative int, the base of every ``shard.seed`` (random when None); workers also seed
-            ``random`` and ``numpy.random`` from it at every epoch.
+        drop_remainder: drop the last, short batch (of each worker, for generator sources).
+        ordered: True to deliver in order (random access: the epoch's order; generators: round-robin
+            over the shards, which with strided shards is the source order); False for first ready.
+        seed: a non-negative int (random when None): the base of the shuffle, of `mpfeed.element_rng`
+            and of every ``shard.seed``; generator workers also seed ``random`` and ``numpy.random`` from
+            it at every epoch.
+        shuffle: random access only: each epoch's order is a permutation drawn from ``(seed, epoch)``.
+        partition: ``(index, count)``: serve part ``index`` of ``count`` (one per host); the parts are
+            disjoint and together cover every element once per epoch.
         start_method: "forkserver" (default: one fresh interpreter forks every worker) or "spawn" (a
             fresh interpreter per worker). The consumer itself is never forked.
         timeout: seconds the consumer may wait for a worker before `WorkerTimeoutError`; None: no limit.
@@ -153,15 +164,41 @@ class Feeder:
         start_method: str | None = None,
         timeout: float | None = None,
         ring_memory: str = "auto",
+        shuffle: bool = False,
+        partition: tuple[int, int] | None = None,
     ) -> None:
         if bootstrap.importing_main:
             raise RuntimeError(
                 "a Feeder was created while a worker imported your main script: workers import it to find "
                 'the source, so put the code that creates the feeder under `if __name__ == "__main__":`'
             )
-        if not callable(source):
-            raise TypeError(f"source must be callable (a generator function), got {type(source).__name__}")
-        _check_call(source, args, kwargs)
+        indexed = _random_access(source)
+        if indexed:
+            length = _length_of(source)
+            _require(
+                not args and not kwargs,
+                "args and kwargs go to generator sources; a random-access source carries its own state",
+            )
+        elif callable(source):
+            _check_call(source, args, kwargs)
+            _require(
+                not shuffle,
+                "shuffle=True needs a random-access source (an object with __len__ and __getitem__): a "
+                "generator source shuffles its own shard, e.g. with random.Random(shard.seed)",
+            )
+        else:
+            raise TypeError(
+                "source must be a random-access object (with __len__ and __getitem__) or a generator "
+                f"function, got {type(source).__name__}"
+            )
+        partition = (0, 1) if partition is None else partition
+        _require(
+            isinstance(partition, tuple)
+            and len(partition) == 2
+            and all(_is_int(v) for v in partition)
+            and 0 <= partition[0] < partition[1],
+            f"partition must be (index, count) with 0 <= index < count, got {partition!r}",
+        )
         workers = _usable_cpus() if workers is None else workers
         _require(_is_int(workers) and workers >= 1, f"workers must be an int >= 1, got {workers!r}")
         _require(_is_int(depth) and depth >= 1, f"depth must be an int >= 1, got {depth!r}")
@@ -190,7 +227,29 @@ class Feeder:
             "itself ('fork') is not offered, since a process that has loaded TensorFlow can deadlock",
         )
         self._ordered = bool(ordered)
-        self._ordering = RoundRobin() if self._ordered else FirstReady()
+        seed = seed if seed is not None else secrets.randbits(63)
+        self._dispatcher: Dispatcher | None = None
+        self._ordering: RoundRobin | FirstReady | Window
+        if indexed:
+            order = EpochOrder(length, seed, bool(shuffle), partition, batch_size, drop_remainder)
+            self._dispatcher = Dispatcher(order, depth, _LOOKAHEAD)
+            self._ordering = Window(self._dispatcher, self._ordered)
+        else:
+            self._ordering = RoundRobin() if self._ordered else FirstReady()
+        self._config = {
+            "source": "random-access" if indexed else "generator",
+            "length": length if indexed else None,
+            "workers": None if indexed else workers,
+            "seed": seed,
+            "shuffle": bool(shuffle),
+            "batch_size": batch_size,
+            "drop_remainder": bool(drop_remainder),
+            "partition": list(partition),
+        }
+        self._delivered_from: list[int] = []  # generators: the worker of each record delivered this run
+        self._resume_base: tuple[list[int], int] = ([0] * workers, 0)  # generators: starts, cursor
+        self._resume: dict | None = None  # a loaded state, for the next iteration
+        self._epoch_complete = False
         self._timeout = timeout
         self._depth = depth
         self._lock = threading.RLock()
@@ -211,9 +270,11 @@ class Feeder:
             slot_bytes=None if slot_bytes is None else align(slot_bytes),
             batch_size=batch_size,
             drop_remainder=drop_remainder,
-            seed=seed if seed is not None else secrets.randbits(63),
+            seed=seed,
             start_method=start_method or DEFAULT_START_METHOD,
             ring_memory=ring_memory,
+            indexed=indexed,
+            partition=partition,
         )
         try:
             self._supervisor = Supervisor(source, args, dict(kwargs or {}), config)
@@ -242,11 +303,62 @@ class Feeder:
         with self._lock:
             self._check_usable()
             with self._guard("starting an epoch"):
-                if self._epoch_taken:
-                    self._start_epoch(self._epoch + 1)
+                self._open_epoch()
                 self._epoch_taken = True
                 self._pass += 1
             return self._serve(self._pass, copy_below)
+
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        """The feeder's position, small and JSON-ready: the epoch, and how far into it the feeder has handed
+        out elements (a batch counts as one), or, with ``consumed``, where it stood after the first
+        ``consumed`` of them in this epoch. Save what the model consumed: tf.data prefetches ahead."""
+        with self._lock:
+            _require(
+                consumed is None or (_is_int(consumed) and consumed >= 0),
+                f"consumed must be an int >= 0 or None, got {consumed!r}",
+            )
+            dispatcher = self._dispatcher
+            delivered = len(dispatcher.log) if dispatcher is not None else len(self._delivered_from)
+            _require(
+                consumed is None or consumed <= delivered,
+                f"consumed={consumed} but this epoch has handed out {delivered} elements so far",
+            )
+            state: dict[str, Any] = {"mpfeed": FORMAT, **self._config, "epoch": self._epoch}
+            whole = self._epoch_complete and (consumed is None or consumed == delivered)
+            if whole:  # the epoch is over: the next one starts from its beginning
+                return {**state, "epoch": self._epoch + 1, **self._fresh_position()}
+            if dispatcher is not None:
+                position, done = dispatcher.done_after(consumed)
+                return {**state, "position": position, "done": encode_done(position, done)}
+            starts, cursor = self._resume_base
+            starts = list(starts)
+            log = self._delivered_from if consumed is None else self._delivered_from[:consumed]
+            for worker in log:
+                starts[worker] += 1
+            if log:
+                cursor = (log[-1] + 1) % len(starts)
+            return {**state, "position": sum(starts), "starts": starts, "cursor": cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position: the next iteration goes on with that epoch at that position.
+        `ValueError` when the state comes from a feeder configured differently."""
+        check_state(state, self._config)
+        with self._lock:
+            self._check_usable()
+            self._resume = dict(state)
+
+    def _fresh_position(self) -> dict[str, Any]:
+        if self._dispatcher is not None:
+            return {"position": 0, "done": ""}
+        return {"position": 0, "starts": [0] * self.workers, "cursor": 0}
+
+    def _open_epoch(self) -> None:
+        """Start the epoch the next iteration serves: a loaded state's, the next one, or (untaken) this."""
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            self._start_epoch(resume["epoch"], resume)
+        elif self._epoch_taken:
+            self._start_epoch(self._epoch + 1)
 
     def dataset(self, output_signature: Any = None, *, chunk_size: int | None = None):
         """A `tf.data.Dataset` over this feeder; each pass over it is one epoch.
@@ -323,13 +435,27 @@ class Feeder:
                 return
             yield element
 
-    def _start_epoch(self, number: int) -> None:
+    def _start_epoch(self, number: int, resume: dict[str, Any] | None = None) -> None:
         self._peeked.clear()
         self._epoch = number
         self._epoch_taken = False
+        self._epoch_complete = False
         self._ordering.reset()
+        self._delivered_from = []
         self._leases.collect(self._supervisor)
-        self._supervisor.start_epoch(number)
+        dispatcher = self._dispatcher
+        position = resume or self._fresh_position()
+        if dispatcher is not None:
+            self._supervisor.start_epoch(number)
+            start = position["position"]
+            dispatcher.start(number, start, decode_done(start, position["done"]))
+            return
+        starts, cursor = list(position["starts"]), position["cursor"]
+        self._resume_base = (starts, cursor)
+        if isinstance(self._ordering, RoundRobin):
+            self._ordering.cursor = cursor
+        batch = self._supervisor.config.batch_size or 1
+        self._supervisor.start_epoch(number, [records * batch for records in starts])
 
     def _peek(self) -> Any:
         """The first element of a fresh epoch, kept to be served first (for signature inference). Only a
@@ -338,8 +464,8 @@ class Feeder:
         with self._lock:
             self._check_usable()
             with self._guard("starting an epoch"):
-                if self._epoch_taken:
-                    self._start_epoch(self._epoch + 1)
+                if self._epoch_taken or self._resume is not None:
+                    self._open_epoch()
             serial = self._pass  # a peek belongs to no iteration, but a new iteration must not lose it
         if not self._peeked:
             element = self._next(serial, 0, strict=False, peeking=True)
@@ -386,15 +512,22 @@ class Feeder:
     def _step(self, copy_below: int, strict: bool) -> tuple[WorkerHandle | None, Any]:
         """Take the next element if one is ready: ``(None, element)``, ``(None, _EPOCH_END)``, or
         ``(handle, None)`` when the consumer must wait (for ``handle``, when ordered)."""
-        supervisor = self._supervisor
+        supervisor, dispatcher = self._supervisor, self._dispatcher
         self._leases.collect(supervisor)
+        if dispatcher is not None:
+            dispatcher.assign(supervisor)
         handle, record = self._ordering.take(supervisor, strict)
         if record is None and handle is not None:
             supervisor.read_all()  # whatever has arrived since
+            if dispatcher is not None:
+                dispatcher.assign(supervisor)
             handle, record = self._ordering.take(supervisor, strict)
         if record is not None and handle is not None:
+            if dispatcher is None:
+                self._delivered_from.append(handle.index)
             return None, self._leases.open(supervisor, handle, record, copy_below)
         if handle is None:
+            self._epoch_complete = True
             return None, _EPOCH_END
         return handle, None
 
@@ -543,6 +676,21 @@ def _check_call(source: Callable[..., Any], args: tuple, kwargs: dict[str, Any] 
             f"mpfeed calls source(*args, shard=Shard, **kwargs) in every worker, but {name}{signature} "
             f"does not take that: {error}"
         ) from None
+
+
+def _random_access(source: Any) -> bool:
+    """Whether ``source`` is a random-access source (``__len__`` and ``__getitem__``), not a function."""
+    return hasattr(source, "__len__") and hasattr(source, "__getitem__") and not inspect.isroutine(source)
+
+
+def _length_of(source: Any) -> int:
+    try:
+        length = len(source)
+    except Exception as error:
+        raise TypeError(
+            f"len() of the random-access source failed: {type(error).__name__}: {error}"
+        ) from None
+    return length
 
 
 def _is_int(value: Any) -> bool:

@@ -1,6 +1,6 @@
-"""Which worker's record the consumer takes next: round-robin over the shards (`RoundRobin`, ordered) or
-whichever is ready first (`FirstReady`). Policies only: they read and pop the supervisor's inboxes and
-never talk to processes.
+"""Which worker's record the consumer takes next: for generator sources, round-robin over the shards
+(`RoundRobin`, ordered) or whichever is ready first (`FirstReady`); for random-access sources, by task
+(`Window`). Policies only: they read and pop the supervisor's inboxes and never talk to processes.
 
 ``take`` returns ``(handle, record)`` to deliver, ``(handle, None)`` when the consumer must wait (for that
 worker when ordered; for anyone when not), and ``(None, None)`` at the end of the epoch. A worker's failure
@@ -11,6 +11,7 @@ element), only a failure that stands in the way of an element is raised.
 
 from __future__ import annotations
 
+from .dispatch import Dispatcher
 from .supervisor import End, Record, Supervisor, WorkerHandle
 
 Taken = tuple[WorkerHandle | None, Record | None]
@@ -97,3 +98,63 @@ class FirstReady:
         if failed is not None:
             raise supervisor.error(failed, failed.inbox[0])
         return None, None
+
+
+class Window:
+    """Random access: records by task, in task order (ordered: the reorder window is every worker's ring)
+    or first ready; the epoch ends when its dispatcher has every task delivered."""
+
+    def __init__(self, dispatcher: Dispatcher, ordered: bool) -> None:
+        self.dispatcher = dispatcher
+        self.ordered = ordered
+        self.cursor = 0
+
+    def reset(self) -> None:
+        self.cursor = 0
+
+    def take(self, supervisor: Supervisor, strict: bool = True) -> Taken:
+        dispatcher = self.dispatcher
+        if dispatcher.remaining <= 0:
+            return None, None
+        handles = supervisor.handles
+        if self.ordered:
+            worker = dispatcher.assigned.get(dispatcher.next_delivery)
+            if worker is None:  # not sent: every worker is gone
+                _raise_any_failure(supervisor)
+                raise AssertionError("a task was never sent, yet no worker failed")
+            handle = handles[worker]
+            head = handle.inbox[0] if handle.inbox else None
+            if head is None:
+                if strict:
+                    _raise_any_failure(supervisor)
+                return handle, None
+            if type(head) is not Record:
+                raise supervisor.error(handle, head)
+            handle.inbox.popleft()
+            dispatcher.delivered(head.key)
+            return handle, head
+        count = len(handles)
+        waiting_for = failed = None
+        for step in range(count):
+            handle = handles[(self.cursor + step) % count]
+            head = handle.inbox[0] if handle.inbox else None
+            if head is None:
+                waiting_for = waiting_for or (handle if handle.pending_tasks else None)
+                continue
+            if type(head) is not Record:
+                if strict:
+                    raise supervisor.error(handle, head)
+                failed = failed or handle
+                continue
+            handle.inbox.popleft()
+            dispatcher.delivered(head.key)
+            self.cursor = (handle.index + 1) % count
+            return handle, head
+        if waiting_for is not None:
+            if strict:
+                _raise_any_failure(supervisor)
+            return waiting_for, None
+        if failed is not None:
+            raise supervisor.error(failed, failed.inbox[0])
+        _raise_any_failure(supervisor)
+        return handles[0], None  # tasks not yet sent: wait for room

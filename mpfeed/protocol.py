@@ -1,21 +1,30 @@
 """The messages a worker and the consumer exchange over the worker's pipe, one tag byte each.
 
+A *run* is one start of an epoch (a restart, or a resume, is a new run of the same epoch): every record
+carries its run, so records of an abandoned run are recognised and their slots given back.
+
 Worker to consumer, in the order they happen (one pipe per worker keeps them ordered):
-    FILLED   slot u32, epoch u32, produced u64
-                                       a record waits in that slot; ``produced`` counts the shard's
-                                       elements up to and including it
-    INLINE   epoch u32, produced u64, slot u32, record bytes
+    FILLED   slot u32, run u32, key u64
+                                       a record waits in that slot; ``key`` is, for a generator source,
+                                       the shard's elements up to and including it; for a random-access
+                                       source, the sequence number of the task it answers
+    INLINE   run u32, key u64, slot u32, record bytes
                                        a record that travels in the pipe: the first one (it sizes the
                                        ring; slot is NO_SLOT) or one too big for a slot (it still holds a
                                        slot's credit, so the consumer never queues more than a ring's worth)
-    END      epoch u32, count u64      the shard's epoch is over after ``count`` elements
+    END      run u32, count u64        the shard's epoch is over after ``count`` elements (generators)
     ATTACHED                           the worker mapped its ring; the name can go
     FAILED   pickled Failure           the source raised, or an element was refused; the worker exits
 
 Consumer to worker:
     CREDIT   slot u32 ...              these slots are free again
     RING     pickled RingSpec          the ring to attach
-    EPOCH    epoch u32                 start (or restart at) this epoch
+    EPOCH    run u32, epoch u32, start u64
+                                       start epoch ``epoch`` as run ``run``; a generator source's shard
+                                       begins at its element ``start`` (a resume), the ones before unsent
+    TASK     run u32, seq u64, index u64 ...
+                                       random access: make one record of ``source[index]`` for these
+                                       indices (one element, or one batch); ``seq`` orders the records
     STOP                               close the source and exit
 
 Consumer to fork server:  FORK + pickled WorkerSetup, then the worker's pipe end as an SCM_RIGHTS fd
@@ -34,12 +43,14 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 FILLED, INLINE, END, ATTACHED, FAILED = b"F", b"I", b"E", b"A", b"X"
-CREDIT, RING, EPOCH, STOP = b"C", b"R", b"N", b"S"
+CREDIT, RING, EPOCH, TASK, STOP = b"C", b"R", b"N", b"T", b"S"
 
 _U32 = struct.Struct("<I")
 _FILLED = struct.Struct("<IIQ")
 _END = struct.Struct("<IQ")
 _INLINE = struct.Struct("<IQI")
+_EPOCH = struct.Struct("<IIQ")
+_TASK = struct.Struct("<IQ")
 NO_SLOT = 0xFFFFFFFF
 FORK, PID, EXITED = b"K", b"P", b"Q"
 _PID = struct.Struct("<I")
@@ -61,13 +72,14 @@ class RingSpec:
 class WorkerSetup:
     """Everything one worker is told at start, besides the pickled source."""
 
-    index: int
-    count: int
+    index: int  # the worker's shard, numbered across every partition
+    count: int  # shards in all partitions
     seed: int
     depth: int
     batch_size: int | None
     drop_remainder: bool
     ring: RingSpec | None
+    indexed: bool  # a random-access source: the worker makes records of the tasks it is sent
     parent_pid: int  # the process that started it: the consumer, or the fork server (set there)
     consumer_pid: int
 
@@ -83,9 +95,10 @@ class Failure:
     type: str
     message: str
     traceback: str
-    element: int | None
+    element: int | None  # the element of the shard (generator) or the source's index (random access)
     epoch: int
     exit_code: int | None  # the code of a SystemExit the source raised
+    position: int | None = None  # random access: where the element stands in the epoch's order
 
 
 def pid(number: int) -> bytes:
@@ -105,33 +118,33 @@ def read_exited(message: bytes) -> tuple[int, int]:
     return _EXIT.unpack_from(message, 1)
 
 
-def filled(slot: int, epoch: int, produced: int) -> bytes:
-    return FILLED + _FILLED.pack(slot, epoch, produced)
+def filled(slot: int, run: int, key: int) -> bytes:
+    return FILLED + _FILLED.pack(slot, run, key)
 
 
 def read_filled(message: bytes) -> tuple[int, int, int]:
-    """``(slot, epoch, produced)``."""
+    """``(slot, run, key)``."""
     return _FILLED.unpack_from(message, 1)
 
 
-def inline_prefix(epoch: int, produced: int, slot: int) -> bytes:
-    return INLINE + _INLINE.pack(epoch, produced, slot)
+def inline_prefix(run: int, key: int, slot: int) -> bytes:
+    return INLINE + _INLINE.pack(run, key, slot)
 
 
 def read_inline(message: bytes) -> tuple[int, int, int]:
-    """``(epoch, produced, slot)``."""
+    """``(run, key, slot)``."""
     return _INLINE.unpack_from(message, 1)
 
 
 INLINE_HEADER = 1 + _INLINE.size  # the record starts this far into an INLINE message
 
 
-def end(epoch: int, count: int) -> bytes:
-    return END + _END.pack(epoch, count)
+def end(run: int, count: int) -> bytes:
+    return END + _END.pack(run, count)
 
 
 def read_end(message: bytes) -> tuple[int, int]:
-    """``(epoch, count)``."""
+    """``(run, count)``."""
     return _END.unpack_from(message, 1)
 
 
@@ -143,13 +156,24 @@ def read_credit(message: bytes) -> tuple[int, ...]:
     return struct.unpack_from(f"<{(len(message) - 1) // 4}I", message, 1)
 
 
-def epoch(number: int) -> bytes:
-    return EPOCH + _U32.pack(number)
+def epoch(run: int, number: int, start: int = 0) -> bytes:
+    return EPOCH + _EPOCH.pack(run, number, start)
 
 
-def read_epoch(message: bytes) -> int:
-    """The number after the tag of an EPOCH message."""
-    return _U32.unpack_from(message, 1)[0]
+def read_epoch(message: bytes) -> tuple[int, int, int]:
+    """``(run, epoch, start)``."""
+    return _EPOCH.unpack_from(message, 1)
+
+
+def task(run: int, seq: int, indices) -> bytes:
+    return TASK + _TASK.pack(run, seq) + struct.pack(f"<{len(indices)}Q", *indices)
+
+
+def read_task(message: bytes) -> tuple[int, int, tuple[int, ...]]:
+    """``(run, seq, indices)``."""
+    run, seq = _TASK.unpack_from(message, 1)
+    count = (len(message) - 1 - _TASK.size) // 8
+    return run, seq, struct.unpack_from(f"<{count}Q", message, 1 + _TASK.size)
 
 
 class Readable:

@@ -31,9 +31,9 @@ _DRAIN_SLICE_S = 0.02
 
 @dataclass(slots=True)
 class Record:
-    """Inbox entry: a record of the current epoch, in a ring slot or carried in the pipe (``inline``)."""
+    """Inbox entry: a record of the current run, in a ring slot or carried in the pipe (``inline``)."""
 
-    produced: int  # the shard's elements up to and including this record
+    key: int  # generator: the shard's elements up to and including this record; random access: its task
     slot: int | None  # the ring slot it holds (an inline record may hold one too, for the credit)
     inline: Any = None  # memoryview of the record's bytes, for a record that came through the pipe
 
@@ -64,6 +64,8 @@ class WorkerConfig:
     seed: int
     start_method: str
     ring_memory: str = "auto"  # "auto" (posix while /dev/shm has room, else memfd), "posix" or "memfd"
+    indexed: bool = False  # a random-access source: workers make the tasks they are sent
+    partition: tuple[int, int] = (0, 1)
 
 
 @dataclass(eq=False)
@@ -79,7 +81,8 @@ class WorkerHandle:
     inbox: deque = field(default_factory=deque)
     gone: bool = False  # failed or exited: its pipe is done with
     ended: bool = False  # this epoch's End has been taken from the inbox
-    produced: int = 0  # elements it announced in the current epoch (delivered or queued)
+    produced: int = 0  # generator: elements of its shard it announced in the current run
+    pending_tasks: int = 0  # random access: tasks sent in the current run and not yet answered
     items: int = 0  # elements delivered over the feeder's life
     bytes: int = 0
     held: int = 0  # slots whose views the user still holds
@@ -101,6 +104,7 @@ class Supervisor:
         self.config = config
         self._credit_batch = max(1, config.depth // 2)
         self.epoch = 0
+        self.run = 0  # the current run (see `mpfeed.protocol`); workers start run 0 by themselves
         self.overflow = 0
         self.closed = False
         self.handles: list[WorkerHandle] = []
@@ -117,8 +121,8 @@ class Supervisor:
                     rings[index] = self._new_ring(config.slot_bytes)
             setups = [
                 protocol.WorkerSetup(
-                    index=index,
-                    count=config.workers,
+                    index=config.partition[0] * config.workers + index,
+                    count=config.partition[1] * config.workers,
                     seed=config.seed,
                     depth=config.depth,
                     batch_size=config.batch_size,
@@ -126,6 +130,7 @@ class Supervisor:
                     ring=None if ring is None else _spec(ring),
                     parent_pid=os.getpid(),
                     consumer_pid=os.getpid(),
+                    indexed=config.indexed,
                 )
                 for index, ring in enumerate(rings)
             ]
@@ -146,13 +151,16 @@ class Supervisor:
 
     # -- epochs --------------------------------------------------------------------------------------
 
-    def start_epoch(self, number: int) -> None:
-        """Ask every worker for epoch ``number`` (they start epoch 0 by themselves); records still queued
-        from the old epoch give their slots back."""
+    def start_epoch(self, number: int, starts: list[int] | None = None) -> None:
+        """Start a new run of epoch ``number`` (workers start run 0, epoch 0, by themselves); a generator
+        worker ``k`` begins its shard at element ``starts[k]``. Records still queued from the old run give
+        their slots back."""
         self.epoch = number
+        self.run += 1
         for handle in self.handles:
             handle.ended = False
             handle.produced = 0
+            handle.pending_tasks = 0
             failure = handle.inbox[-1] if handle.failed else None
             for entry in handle.inbox:
                 if isinstance(entry, Record):
@@ -160,9 +168,15 @@ class Supervisor:
             handle.inbox.clear()
             if failure is not None:  # keep it: the new epoch meets it
                 handle.inbox.append(failure)
-            elif not handle.gone and number > 0:
-                self._send(handle, protocol.epoch(number))
+            elif not handle.gone:
+                start = starts[handle.index] if starts else 0
+                self._send(handle, protocol.epoch(self.run, number, start))
         self.flush_credits()
+
+    def send_task(self, handle: WorkerHandle, task: int, indices: list[int]) -> None:
+        """Ask a worker of a random-access source to make task ``task`` of the current run."""
+        self._send(handle, protocol.task(self.run, task, indices))
+        handle.pending_tasks += 1
 
     def release(self, handle: WorkerHandle, record: Record) -> None:
         """Give back the slot credit a record holds, if any."""
@@ -250,19 +264,19 @@ class Supervisor:
     def _dispatch(self, handle: WorkerHandle, message: bytes) -> None:
         tag = message[:1]
         if tag == protocol.FILLED:
-            slot, epoch, produced = protocol.read_filled(message)
-            self._queue(handle, epoch, Record(produced, slot))
+            slot, run, key = protocol.read_filled(message)
+            self._queue(handle, run, Record(key, slot))
         elif tag == protocol.INLINE:
-            epoch, produced, slot = protocol.read_inline(message)
+            run, key, slot = protocol.read_inline(message)
             if handle.ring is None:
                 self._create_ring(handle, len(message) - protocol.INLINE_HEADER)
             if slot != protocol.NO_SLOT:  # a record too big for its slot (the first one only sizes the ring)
                 self.overflow += 1
             inline = memoryview(message)[protocol.INLINE_HEADER :]
-            self._queue(handle, epoch, Record(produced, None if slot == protocol.NO_SLOT else slot, inline))
+            self._queue(handle, run, Record(key, None if slot == protocol.NO_SLOT else slot, inline))
         elif tag == protocol.END:
-            epoch, count = protocol.read_end(message)
-            if epoch == self.epoch:
+            run, count = protocol.read_end(message)
+            if run == self.run:
                 handle.inbox.append(End(count))
         elif tag == protocol.ATTACHED:
             if handle.ring is not None:
@@ -271,11 +285,13 @@ class Supervisor:
             self._forget(handle)
             handle.inbox.append(self._failure(handle, pickle.loads(message[1:])))
 
-    def _queue(self, handle: WorkerHandle, epoch: int, record: Record) -> None:
-        """Queue a record of the current epoch; give back the slot of one from an abandoned epoch."""
-        if epoch == self.epoch:
+    def _queue(self, handle: WorkerHandle, run: int, record: Record) -> None:
+        """Queue a record of the current run; give back the slot of one from an abandoned run."""
+        if run == self.run:
             handle.inbox.append(record)
-            handle.produced = record.produced
+            handle.produced = record.key
+            if handle.pending_tasks:
+                handle.pending_tasks -= 1
         else:
             self.release(handle, record)
 
@@ -309,6 +325,16 @@ class Supervisor:
     def _failure(self, handle: WorkerHandle, failure: protocol.Failure) -> WorkerError:
         who = f"worker {handle.index} (pid {handle.pid})"
         where = f"while producing element {failure.element} of its shard (epoch {failure.epoch})"
+        if self.config.indexed:
+            where = (
+                f"while producing source[{failure.element}] (position {failure.position} of epoch "
+                f"{failure.epoch})"
+            )
+            if failure.type == "IndexError" and failure.where == "source":
+                where += (
+                    ": the source's __getitem__ raised IndexError for an index below its len(), which "
+                    "mpfeed takes as the source's own error (check __len__ and __getitem__ agree)"
+                )
         details: dict[str, Any] = dict(
             worker=handle.index, pid=handle.pid, element=failure.element, epoch=failure.epoch
         )

@@ -1,5 +1,6 @@
-"""The worker main loop: run the source for this shard, write records into ring slots, report the end of
-each epoch or the first failure, and exit when told to or when the parent dies.
+"""The worker main loop: run the source (a generator for this shard, or ``source[i]`` for the tasks the
+consumer sends), write records into ring slots, report the end of each epoch or the first failure, and
+exit when told to or when the parent dies.
 
 A worker never imports TensorFlow (`mpfeed.spawn` guards against it) and never creates shared memory: the
 supervisor creates its ring, the worker only attaches.
@@ -19,7 +20,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from . import protocol
+from . import protocol, shard
 from .layout import Encoder, flatten
 from .ring import Ring
 from .shard import Shard, shard_seed
@@ -34,10 +35,12 @@ _CONTROL_CHECK_S = 0.01
 
 
 class _Restart(Exception):
-    """The consumer asked for another epoch while this one was running."""
+    """The consumer asked for another run (an epoch, or a resume) while this one was going."""
 
-    def __init__(self, epoch: int) -> None:
+    def __init__(self, run: int, epoch: int, start: int) -> None:
+        self.run = run
         self.epoch = epoch
+        self.start = start
 
 
 class _Stop(Exception):
@@ -86,7 +89,13 @@ def _alive(pid: int) -> bool:
 
 
 def report_failure(
-    connection: Connection, where: str, error: BaseException, *, element: int | None, epoch: int
+    connection: Connection,
+    where: str,
+    error: BaseException,
+    *,
+    element: int | None,
+    epoch: int,
+    position: int | None = None,
 ) -> None:
     """Tell the consumer why this worker is about to exit: the exception as text, frames dropped."""
     kind = type(error)
@@ -105,6 +114,7 @@ def report_failure(
         element=element,
         epoch=epoch,
         exit_code=error.code if isinstance(error, SystemExit) and isinstance(error.code, int) else None,
+        position=position,
     )
     try:
         connection.send_bytes(protocol.FAILED + pickle.dumps(failure))
@@ -127,6 +137,10 @@ class _Worker:
         self.depth = setup.depth
         self.batch_size = setup.batch_size
         self.drop_remainder = setup.drop_remainder
+        self.indexed = setup.indexed
+        self.run_number = 0
+        self.epoch = 0
+        self.tasks: deque[tuple[int, tuple[int, ...]]] = deque()  # (seq, indices) of the current run
         self.ring: Ring | None = None
         self.free: deque[int] = deque()
         self.encoder = Encoder()
@@ -134,31 +148,35 @@ class _Worker:
             self._attach(setup.ring)
 
     def run(self) -> int:
-        epoch = 0
         try:
+            if self.indexed:
+                self._serve_tasks()
+            restart = _Restart(0, 0, 0)  # generator workers start epoch 0 by themselves
             while True:
                 try:
-                    self._run_epoch(epoch)
+                    self._run_epoch(restart.run, restart.epoch, restart.start)
                     self._idle()
-                except _Restart as restart:
-                    epoch = restart.epoch
+                except _Restart as new:
+                    restart = new
         except _Stop:
             return EXIT_OK
         except _Failed as failed:
             return failed.code
         except (EOFError, BrokenPipeError, ConnectionResetError):
             return EXIT_ORPHANED  # the consumer's end of the pipe is gone
-        except BaseException as error:  # a fault of mpfeed's own: report it like a source's
-            report_failure(self.connection, "worker", error, element=None, epoch=epoch)
+        except BaseException as error:  # a fault of mpfeed's own: say so
+            report_failure(self.connection, "worker", error, element=None, epoch=self.epoch)
             return EXIT_FAILED
 
-    # -- one epoch -----------------------------------------------------------------------------------
+    # -- a generator source: one epoch of this shard ---------------------------------------------------
 
-    def _run_epoch(self, epoch: int) -> None:
-        shard = Shard(self.index, self.count, epoch, shard_seed(self.seed, self.index, epoch))
+    def _run_epoch(self, run: int, epoch: int, start: int) -> None:
+        self.run_number, self.epoch = run, epoch
+        shard = Shard(self.index, self.count, epoch, shard_seed(self.seed, self.index, epoch), start)
         random.seed(shard.seed)
         np.random.seed(shard.seed)
-        produced = 0
+        seekable = getattr(self.source, "mpfeed_seekable", False)
+        produced = start if seekable else 0  # elements of the shard so far, wanted or not
         try:
             iterator = iter(self.source(*self.args, shard=shard, **self.kwargs))
         except BaseException as error:
@@ -180,30 +198,59 @@ class _Worker:
                 except BaseException as error:
                     raise self._fail("source", error, produced, epoch) from None
                 produced += 1
+                if produced <= start:
+                    continue  # consumed before the resume: dropped, never sent
                 if self.batch_size is None:
-                    self._emit([flatten(element)], produced, epoch, batched=False)
+                    self._emit([flatten(element)], produced, produced - 1, batched=False)
                     continue
                 batch.append(flatten(element))
                 if len(batch) == self.batch_size:
-                    self._emit(batch, produced, epoch, batched=True)
+                    self._emit(batch, produced, produced - len(batch), batched=True)
                     batch = []
             if batch and not self.drop_remainder:
-                self._emit(batch, produced, epoch, batched=True)
+                self._emit(batch, produced, produced - len(batch), batched=True)
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:
                 close()
-        self.connection.send_bytes(protocol.end(epoch, produced))
+        self.connection.send_bytes(protocol.end(run, produced))
 
-    def _emit(self, items: list, produced: int, epoch: int, batched: bool) -> None:
-        """Send one record: ``items`` are the last elements of the ``produced`` so far."""
-        seq = produced - len(items)
+    # -- a random-access source: the tasks the consumer sends ------------------------------------------
+
+    def _serve_tasks(self) -> NoReturn:
+        batched = self.batch_size is not None
+        next_check = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_check:  # as for generators: a stop or new tasks, now and then
+                self._handle_control(block=False)
+                next_check = now + _CONTROL_CHECK_S
+            while not self.tasks:
+                self._handle_control(block=True)
+            seq, indices = self.tasks.popleft()
+            epoch, items = self.epoch, []
+            for offset, index in enumerate(indices):
+                shard._current = (self.seed, epoch, index)
+                try:
+                    element = self.source[index]
+                except BaseException as error:
+                    position = seq * (self.batch_size or 1) + offset
+                    raise self._fail("source", error, index, epoch, position) from None
+                finally:
+                    shard._current = None
+                items.append(flatten(element))
+            self._emit(items, seq, seq, batched)
+
+    def _emit(self, items: list, key: int, first: int, batched: bool) -> None:
+        """Send one record of ``items``: ``key`` identifies it to the consumer (see `mpfeed.protocol`),
+        ``first`` is its first element's number (for errors)."""
+        run = self.run_number
         try:
-            record = self.encoder.prepare(items, seq, batched)
+            record = self.encoder.prepare(items, first, batched)
         except (TypeError, ValueError) as error:
-            raise self._fail("element", error, seq, epoch) from None
+            raise self._fail("element", error, first, self.epoch) from None
         if self.ring is None:  # the first record: the consumer sizes our ring from it
-            self._send_inline(record, epoch, produced, protocol.NO_SLOT)
+            self._send_inline(record, run, key, protocol.NO_SLOT)
             while self.ring is None:
                 self._handle_control(block=True)
             return
@@ -211,19 +258,21 @@ class _Worker:
             self._handle_control(block=True)
         slot = self.free.popleft()
         if record.nbytes > self.ring.slot_bytes:
-            self._send_inline(record, epoch, produced, slot)
+            self._send_inline(record, run, key, slot)
             return
         record.write(self.ring.slot(slot))
-        self.connection.send_bytes(protocol.filled(slot, epoch, produced))
+        self.connection.send_bytes(protocol.filled(slot, run, key))
 
-    def _send_inline(self, record, epoch: int, produced: int, slot: int) -> None:
+    def _send_inline(self, record, run: int, key: int, slot: int) -> None:
         message = bytearray(protocol.INLINE_HEADER + record.nbytes)
-        message[: protocol.INLINE_HEADER] = protocol.inline_prefix(epoch, produced, slot)
+        message[: protocol.INLINE_HEADER] = protocol.inline_prefix(run, key, slot)
         record.write(memoryview(message)[protocol.INLINE_HEADER :])
         self.connection.send_bytes(message)
 
-    def _fail(self, where: str, error: BaseException, element: int, epoch: int) -> _Failed:
-        report_failure(self.connection, where, error, element=element, epoch=epoch)
+    def _fail(
+        self, where: str, error: BaseException, element: int, epoch: int, position: int | None = None
+    ) -> _Failed:
+        report_failure(self.connection, where, error, element=element, epoch=epoch, position=position)
         if isinstance(error, SystemExit) and isinstance(error.code, int):
             return _Failed(error.code)
         return _Failed(EXIT_FAILED)
@@ -247,8 +296,16 @@ class _Worker:
             tag = message[:1]
             if tag == protocol.CREDIT:
                 self.free.extend(protocol.read_credit(message))
+            elif tag == protocol.TASK:
+                run, seq, indices = protocol.read_task(message)
+                if run == self.run_number:
+                    self.tasks.append((seq, indices))
             elif tag == protocol.EPOCH:
-                raise _Restart(protocol.read_epoch(message))
+                run, epoch, start = protocol.read_epoch(message)
+                if not self.indexed:
+                    raise _Restart(run, epoch, start)
+                self.run_number, self.epoch = run, epoch
+                self.tasks.clear()
             elif tag == protocol.RING:
                 self._attach(pickle.loads(message[1:]))
             elif tag == protocol.STOP:

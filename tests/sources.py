@@ -274,3 +274,19 @@ def images(n, shard):
     """224x224x3 uint8 images whose content identifies them."""
     for i in range(shard.index, n, shard.count):
         yield np.full((224, 224, 3), i % 251, dtype=np.uint8), i
+
+
+class Numbers:
+    """A random-access source: element i is {"x": an array full of i, "i": i}."""
+
+    def __init__(self, n, shape=(3, 4)):
+        self.n = n
+        self.shape = shape
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        return {"x": np.full(self.shape, index, dtype=np.float32), "i": index}

@@ -1,0 +1,142 @@
+"""Work for random-access sources: the epoch's order, cut into tasks, handed to whichever worker has room.
+
+The order of an epoch is ``range(len(source))`` or, with shuffle, a permutation drawn from ``(seed,
+epoch)`` alone; a partition takes every ``count``-th position of it from ``index``. Task ``k`` is the
+partition's positions ``[k * batch, (k + 1) * batch)``: one element, or the consecutive elements of one
+batch. Which worker makes a task never changes what is delivered, only when.
+
+A worker holds at most ``lookahead`` tasks it has not answered yet, and never more than its ring can take
+(answered records wait in slots): so a slow element holds up only the few tasks queued behind it, and
+memory stays fixed. Ordered delivery waits for the lowest task not yet delivered; the reorder window is
+every worker's ring. Policies only: the supervisor sends what `Dispatcher.assign` decides.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+import numpy as np
+
+from .supervisor import Record, Supervisor, WorkerHandle
+
+
+@dataclass(frozen=True)
+class EpochOrder:
+    """Which source indices an epoch serves, in what order, and how they group into tasks."""
+
+    length: int
+    seed: int
+    shuffle: bool
+    partition: tuple[int, int]
+    batch_size: int | None
+    drop_remainder: bool
+
+    def positions(self, epoch: int) -> np.ndarray:
+        """The source indices this partition serves in ``epoch``, in order."""
+        if self.shuffle:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
+            order = rng.permutation(self.length)
+        else:
+            order = np.arange(self.length)
+        index, count = self.partition
+        return order[index::count]
+
+    def tasks(self, served: int) -> int:
+        """How many tasks (records) an epoch of ``served`` positions makes."""
+        batch = self.batch_size or 1
+        return served // batch if self.drop_remainder else -(-served // batch)
+
+
+class Dispatcher:
+    """Hands an epoch's tasks to workers and remembers what was delivered, for ordering and resume."""
+
+    def __init__(self, order: EpochOrder, depth: int, lookahead: int) -> None:
+        self.order = order
+        self.depth = depth
+        self.lookahead = lookahead
+        self.start(0)
+
+    def start(self, epoch: int, position: int = 0, done: frozenset[int] = frozenset()) -> None:
+        """Begin ``epoch`` with tasks below ``position`` and those in ``done`` already delivered."""
+        self.epoch = epoch
+        self.positions = self.order.positions(epoch)
+        self.count = self.order.tasks(len(self.positions))
+        self.base_position = position
+        self.base_done = done
+        self.next_task = position  # the lowest task not yet sent
+        self.next_delivery = position  # ordered: the lowest task not yet delivered
+        self.assigned: dict[int, int] = {}  # task -> worker index, until delivered
+        self.log: list[int] = []  # tasks delivered this run, in delivery order
+        self.delivered_set: set[int] = set()
+        self.remaining = self.count - position - len(done)
+        self._skip_done()
+
+    def _skip_done(self) -> None:
+        done = self.base_done
+        while self.next_task in done:
+            self.next_task += 1
+        while self.next_delivery in done:
+            self.next_delivery += 1
+
+    def indices(self, task: int) -> list[int]:
+        batch = self.order.batch_size or 1
+        return [int(i) for i in self.positions[task * batch : (task + 1) * batch]]
+
+    def assign(self, supervisor: Supervisor) -> None:
+        """Send tasks to the workers with room, the least busy first."""
+        handles = [h for h in supervisor.handles if not h.gone]
+        while self.next_task < self.count and handles:
+            handle = min(handles, key=_load)
+            if handle.pending_tasks >= self.lookahead or _load(handle) >= self.depth:
+                return
+            task = self.next_task
+            supervisor.send_task(handle, task, self.indices(task))
+            self.assigned[task] = handle.index
+            self.next_task += 1
+            while self.next_task in self.base_done:
+                self.next_task += 1
+
+    def delivered(self, task: int) -> None:
+        self.assigned.pop(task, None)
+        self.log.append(task)
+        self.delivered_set.add(task)
+        self.remaining -= 1
+        while self.next_delivery in self.delivered_set or self.next_delivery in self.base_done:
+            self.next_delivery += 1
+
+    def done_after(self, consumed: int | None) -> tuple[int, frozenset[int]]:
+        """``(position, done)`` after the first ``consumed`` deliveries of this run (all when None): every
+        task below ``position`` and those in ``done`` were delivered."""
+        delivered = set(self.base_done)
+        delivered.update(self.log if consumed is None else self.log[:consumed])
+        position = self.base_position
+        while position in delivered:
+            position += 1
+        return position, frozenset(t for t in delivered if t > position)
+
+
+def _load(handle: WorkerHandle) -> int:
+    """Tasks the worker still holds plus records of it waiting in the consumer: slots it needs."""
+    return handle.pending_tasks + sum(1 for entry in handle.inbox if type(entry) is Record)
+
+
+def encode_done(position: int, done: frozenset[int]) -> str:
+    """Tasks delivered beyond ``position`` as a compact bitmask (unordered delivery leaves a few)."""
+    if not done:
+        return ""
+    bits = bytearray((max(done) - position) // 8 + 1)
+    for task in done:
+        offset = task - position - 1
+        bits[offset // 8] |= 1 << (offset % 8)
+    return base64.b64encode(bytes(bits)).decode("ascii")
+
+
+def decode_done(position: int, text: str) -> frozenset[int]:
+    bits = base64.b64decode(text.encode("ascii")) if text else b""
+    return frozenset(
+        position + 1 + 8 * byte + bit
+        for byte, value in enumerate(bits)
+        for bit in range(8)
+        if value >> bit & 1
+    )
