@@ -48,8 +48,8 @@ from importlib import metadata
 from harness import Pipeline, Timing, measure, run_schedule
 from report import RESULTS_DIR, machine, warn_if_engine_changed
 from workloads import (
-    ENDLESS,
     NO_WAIT,
+    STRAGGLER_LENGTH,
     STRAGGLER_PATTERNS,
     STRAGGLER_SLEEP_S,
     STRAGGLER_WORKERS,
@@ -96,7 +96,7 @@ def mpfeed_random_access(pattern: str, ordered: bool, workers: int, depth: int =
 def mpfeed_generator(pattern: str, ordered: bool, workers: int) -> Pipeline:
     source = functools.partial(straggler_shard, pattern)
     return feeder_pipeline(
-        mpfeed.Feeder(source, args=(ENDLESS,), workers=workers, depth=DEPTH, ordered=ordered)
+        mpfeed.Feeder(source, args=(STRAGGLER_LENGTH,), workers=workers, depth=DEPTH, ordered=ordered)
     )
 
 

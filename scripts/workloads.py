@@ -118,6 +118,10 @@ def tiny_item(i: int) -> tuple[np.ndarray, np.int64]:
 
 STRAGGLER_SLEEP_S = 0.004  # the usual cost of one element, and the mean cost in `lognormal`
 STRAGGLER_WORKERS = 8
+# Elements in one pass: far more than a measurement takes (2,000/s for a few seconds; a no-wait ceiling
+# stays under 30,000/s), yet not ENDLESS: mpfeed builds a random-access epoch's order as an array up front
+# (1e9 positions take 8 GB and 20 s here), and every loader gets the same length.
+STRAGGLER_LENGTH = 10**6
 STRAGGLER_BYTES = 64
 LOGNORMAL_SIGMA = 1.0
 RARE_EVERY, RARE_AT, RARE_FACTOR = 100, 37, 50  # `one-in-100`: one index in each 100 costs 50x
@@ -175,7 +179,7 @@ class StragglerItems:
     measured. The first index is kept per process id, so a worker forked from a process that already
     answered requests still decides for itself."""
 
-    def __init__(self, pattern: str, length: int = ENDLESS) -> None:
+    def __init__(self, pattern: str, length: int = STRAGGLER_LENGTH) -> None:
         straggler_cost(pattern, 0)  # rejects an unknown pattern here, not in a worker
         self.pattern = pattern
         self.length = length
