@@ -22,7 +22,7 @@ is the workers' combined rate, the sum over workers of 1 / their mean cost. Repe
 (`harness.run_schedule`); the table gives the median with the min-max spread, the share of ideal, and the
 targets beside it.
 
-    python scripts/straggler.py              # ~4 minutes on 2 cores with torch, ~3 without
+    python scripts/straggler.py              # ~3 minutes on 2 cores with torch (~1 a repetition)
     python scripts/straggler.py --quick      # smoke run
     python scripts/bench.py --workloads straggler   # the same, from make bench
 
