@@ -8,9 +8,10 @@ steady-state rate (the elements that arrive after a warm-up, over a fixed time).
 interleaved: every repetition runs every row once, in an order rotated between repetitions, and the report
 gives the median with the min-max spread.
 
-    python scripts/bench.py                      # full run, ~6 minutes on 2 cores (~7 with the peers)
+    python scripts/bench.py                      # full run, ~9 minutes on 2 cores (~10 with the peers)
     python scripts/bench.py --quick              # smoke run, under 2 minutes with the peers
     python scripts/bench.py --workloads io,tiny --contenders from_generator,mpfeed --reps 5
+    python scripts/bench.py --workloads straggler   # uneven costs, ordered and first-ready
 
 The optional peers `torch-dataloader` and `grain` run when their packages are installed (`make
 bench-peers`). `mp-pool`, `keras-pydataset` and `torch-dataloader` start their processes the way their
@@ -18,6 +19,9 @@ users get them by default (multiprocessing's default start method: fork on Linux
 Grain always spawns its workers.
 
 Output: progress on stderr, a table on stdout, JSON and a PNG plot under ``bench-results/``.
+
+`straggler` has rows of its own (random-access and generator sources, ordered and first-ready, no
+TensorFlow): it runs first, as `straggler.py` in a process of its own, and prints its own table.
 
 This file only reads the command line. The parts: `workloads.py` (what one element costs),
 `contenders.py` (what builds each row; the only part that imports TensorFlow), `limits.py` (what this
@@ -28,38 +32,53 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from harness import Plan, Timing, run, usable_cores  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
+STRAGGLER = "straggler"  # the workload that `straggler.py` runs
+
 if __name__ != "__mp_main__":
     # A spawned process (Grain's workers) imports the main script again, as __mp_main__; those workers
     # need only the workloads, so TensorFlow and Keras load in the benchmark's own process alone.
-    from contenders import CONTENDERS, PEERS, available_contenders
     from report import machine, save, summarize, table, warn_if_engine_changed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short windows and fewer repetitions")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated (default: all)")
+    parser.add_argument(
+        "--workloads", default=",".join([*WORKLOADS, STRAGGLER]), help="comma-separated (default: all)"
+    )
     parser.add_argument("--contenders", default=None, help="comma-separated (default: all available)")
     parser.add_argument(
-        "--workers", type=int, default=None, help="workers for every workload (default: cores; 8 for io)"
+        "--workers",
+        type=int,
+        default=None,
+        help="workers for every workload (default: cores; 8 for io and straggler)",
     )
     parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3)")
     return parser.parse_args(argv)
 
 
-def make_plan(args: argparse.Namespace) -> Plan:
+def workload_names(args: argparse.Namespace) -> list[str]:
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
-    unknown = [n for n in names if n not in WORKLOADS]
+    unknown = [n for n in names if n not in WORKLOADS and n != STRAGGLER]
     if unknown:
-        raise SystemExit(f"unknown workloads {unknown}; choose from {list(WORKLOADS)}")
+        raise SystemExit(f"unknown workloads {unknown}; choose from {[*WORKLOADS, STRAGGLER]}")
+    return names
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    from contenders import CONTENDERS, PEERS, available_contenders
+
+    names = [n for n in workload_names(args) if n != STRAGGLER]
     contenders = available_contenders()
     if args.contenders:
         wanted = [n.strip() for n in args.contenders.split(",") if n.strip()]
@@ -74,9 +93,33 @@ def make_plan(args: argparse.Namespace) -> Plan:
     return Plan([WORKLOADS[n] for n in names], contenders, workers, reps, timing)
 
 
+def run_straggler(args: argparse.Namespace) -> None:
+    """`straggler.py` with the options that apply to it, in a process of its own: no TensorFlow there,
+    and PyTorch's DataLoader forks a process that has not loaded it."""
+    command = [sys.executable, str(Path(__file__).with_name("straggler.py")), "--reps", str(args.reps or 3)]
+    if args.quick:
+        command.append("--quick")
+    if args.workers:
+        command += ["--workers", str(args.workers)]
+    if args.contenders:
+        from straggler import CONTENDERS as STRAGGLER_CONTENDERS
+
+        wanted = [n.strip() for n in args.contenders.split(",") if n.strip() in STRAGGLER_CONTENDERS]
+        if not wanted:
+            print(f"# straggler: none of {args.contenders} runs it; skipped", file=sys.stderr)
+            return
+        command += ["--contenders", ",".join(wanted)]
+    subprocess.run(command, check=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    plan = make_plan(args)
+    names = workload_names(args)
+    plan = make_plan(args) if set(names) - {STRAGGLER} else None  # checks --contenders before any run
+    if STRAGGLER in names:
+        run_straggler(args)
+    if plan is None:
+        return
     info = machine()
     print(
         f"# {info['cpu_model']}, {info['usable_cores']} usable cores; python {info['python']}, "

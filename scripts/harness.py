@@ -238,25 +238,36 @@ class Plan:
 
 
 def run(plan: Plan) -> None:
+    run_schedule({w.name: plan.rows(w) for w in plan.workloads}, plan.reps, plan.results)
+
+
+def run_schedule(
+    schedule: dict[str, list[tuple[str, Callable[[], dict]]]], reps: int, results: dict, desc: str = "bench"
+) -> list[float]:
+    """Run every row of ``schedule`` (group -> [(row name, thunk)]) once per repetition, the rows of each
+    group in an order rotated between repetitions, with progress; ``results[group][row]`` collects one
+    measurement per repetition. Gives the seconds each repetition took."""
     from tqdm import tqdm
 
-    schedule = {w.name: plan.rows(w) for w in plan.workloads}
-    total = plan.reps * sum(len(rows) for rows in schedule.values())
-    with tqdm(total=total, desc="bench", unit="run", file=sys.stderr, dynamic_ncols=True) as progress:
-        for rep in range(plan.reps):
-            for workload in plan.workloads:
-                rows = schedule[workload.name]
+    durations = []
+    total = reps * sum(len(rows) for rows in schedule.values())
+    with tqdm(total=total, desc=desc, unit="run", file=sys.stderr, dynamic_ncols=True) as progress:
+        for rep in range(reps):
+            started = time.perf_counter()
+            for group, rows in schedule.items():
                 shift = rep % len(rows)
                 for name, thunk in rows[shift:] + rows[:shift]:
-                    progress.set_postfix_str(f"rep {rep + 1}/{plan.reps} {workload.name} {name}")
+                    progress.set_postfix_str(f"rep {rep + 1}/{reps} {group} {name}")
                     faulthandler.dump_traceback_later(HANG_S, exit=True)
                     try:
                         result = thunk()
                     except Exception as error:  # one broken contender must not hide the others
                         result = {"error": f"{type(error).__name__}: {error}"}
-                        progress.write(f"{workload.name} / {name}: {result['error']}", file=sys.stderr)
+                        progress.write(f"{group} / {name}: {result['error']}", file=sys.stderr)
                     finally:
                         settle()
                         faulthandler.cancel_dump_traceback_later()
-                    plan.results.setdefault(workload.name, {}).setdefault(name, []).append(result)
+                    results.setdefault(group, {}).setdefault(name, []).append(result)
                     progress.update()
+            durations.append(time.perf_counter() - started)
+    return durations

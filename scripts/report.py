@@ -128,16 +128,25 @@ def _num(value: float | None, digits: int, suffix: str = "", scale: float = 1) -
     return "" if value is None else f"{value * scale:.{digits}f}{suffix}"
 
 
-def machine() -> dict:
+def machine(tensorflow: bool = True) -> dict:
+    """The machine, the versions and the mpfeed that ran; ``tensorflow=False`` leaves TensorFlow, Keras
+    and Pillow unimported and unreported (a run without them: `straggler`)."""
     model = platform.processor()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    import PIL
-    import tensorflow as tf
+    frameworks = {}
+    if tensorflow:
+        import PIL
+        import tensorflow as tf
 
+        frameworks = {
+            "tensorflow": tf.__version__,
+            "keras": metadata.version("keras"),
+            "pillow": PIL.__version__,
+        }
     return {
         "usable_cores": usable_cores(),
         "logical_cpus": os.cpu_count(),
@@ -145,9 +154,7 @@ def machine() -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "tensorflow": tf.__version__,
-        "keras": metadata.version("keras"),
-        "pillow": PIL.__version__,
+        **frameworks,
         "mpfeed": mpfeed.__version__,
         **engine_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import io
+import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -107,6 +109,90 @@ def transfer_item(i: int) -> np.ndarray:
 
 def tiny_item(i: int) -> tuple[np.ndarray, np.int64]:
     return np.full(TINY_VALUES, i, dtype=np.float32), np.int64(i)
+
+
+# -- straggler: uneven I/O-like waits (BENCH.md) -----------------------------------------------------------
+#
+# Every element sleeps; what varies is how long. Costs are fixed by the element's index (and, in
+# `half-speed`, by the process that makes it), so every contender meets the same costs.
+
+STRAGGLER_SLEEP_S = 0.004  # the usual cost of one element, and the mean cost in `lognormal`
+STRAGGLER_WORKERS = 8
+# Elements in one pass: far more than a measurement takes (2,000/s for a few seconds; a no-wait ceiling
+# stays under 30,000/s), yet not ENDLESS: mpfeed builds a random-access epoch's order as an array up front
+# (1e9 positions take 8 GB and 20 s here), and every loader gets the same length.
+STRAGGLER_LENGTH = 10**6
+STRAGGLER_BYTES = 64
+LOGNORMAL_SIGMA = 1.0
+RARE_EVERY, RARE_AT, RARE_FACTOR = 100, 37, 50  # `one-in-100`: one index in each 100 costs 50x
+STRAGGLER_PATTERNS = ("half-speed", "lognormal", "one-in-100")
+NO_WAIT = "no-wait"  # the same elements at no cost: what a loader's own per-element overhead allows
+
+
+def straggler_cost(pattern: str, i: int) -> float:
+    """Seconds element ``i`` costs a worker at full speed. `half-speed`: 4 ms each (its slow worker
+    takes twice that); `lognormal`: lognormal with sigma 1 and mean 4 ms, drawn from a generator seeded by
+    ``i``; `one-in-100`: 200 ms for one index in each block of 100, else 4 ms.
+
+    In `one-in-100` the slow index moves along by one from block to block (37, 138, 239, ...: position
+    ``(37 + block) % 100``), so that the slow elements fall evenly on every one of 8 strided shards. A
+    fixed position (``i % 100 == 37``) would put them all on shards 1 and 5 (100 is 4 mod 8): six
+    generator shards would never meet one, and would run ahead of the rest at full speed."""
+    if pattern == "half-speed":
+        return STRAGGLER_SLEEP_S
+    if pattern == "lognormal":
+        mu = math.log(STRAGGLER_SLEEP_S) - LOGNORMAL_SIGMA**2 / 2  # so that the mean is 4 ms
+        return float(np.random.default_rng(i).lognormal(mu, LOGNORMAL_SIGMA))
+    if pattern == "one-in-100":
+        block, position = divmod(i, RARE_EVERY)
+        return STRAGGLER_SLEEP_S * (RARE_FACTOR if position == (RARE_AT + block) % RARE_EVERY else 1)
+    if pattern == NO_WAIT:
+        return 0.0
+    raise ValueError(f"unknown straggler pattern {pattern!r}; choose from {(*STRAGGLER_PATTERNS, NO_WAIT)}")
+
+
+def straggler_item(pattern: str, i: int, slow: bool = False) -> tuple[np.ndarray, np.int64]:
+    """Waits element ``i``'s cost (twice as long on a ``slow`` worker), then gives 64 bytes and a label."""
+    time.sleep(straggler_cost(pattern, i) * (2 if slow else 1))
+    return np.full(STRAGGLER_BYTES, i % 256, dtype=np.uint8), np.int64(i)
+
+
+def straggler_shard(pattern: str, n: int, shard: Any) -> Iterator[tuple[np.ndarray, np.int64]]:
+    """The generator source: fixed strided shards, ``shard.index, shard.index + shard.count, ...`` below
+    ``n``. In `half-speed` the worker of shard 0 is the slow one."""
+    slow = pattern == "half-speed" and shard.index == 0
+    for i in range(shard.index, n, shard.count):
+        yield straggler_item(pattern, i, slow)
+
+
+_FIRST_INDEX: dict[int, int] = {}  # process id -> the first index that process was asked for
+
+
+class StragglerItems:
+    """The random-access source (``len`` and ``[i]``), for mpfeed and PyTorch's DataLoader alike.
+
+    With random access a loader may send any index to any worker, so `half-speed`'s slow worker cannot be
+    "the worker that makes elements 0, 8, 16, ...": it is a slow *process*. The process whose first
+    request is index 0 runs at half speed for every element it makes from then on. Exactly one process
+    is first asked for index 0 (every pass here starts at 0 and asks for each index once), whichever
+    loader hands the indices out and however it does, and that process is fixed before any rate is
+    measured. The first index is kept per process id, so a worker forked from a process that already
+    answered requests still decides for itself."""
+
+    def __init__(self, pattern: str, length: int = STRAGGLER_LENGTH) -> None:
+        straggler_cost(pattern, 0)  # rejects an unknown pattern here, not in a worker
+        self.pattern = pattern
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.int64]:
+        index = int(index)
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        first = _FIRST_INDEX.setdefault(os.getpid(), index)
+        return straggler_item(self.pattern, index, slow=self.pattern == "half-speed" and first == 0)
 
 
 # -- the mpfeed source: this shard's items, in the signature mpfeed calls ---------------------------------
