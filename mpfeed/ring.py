@@ -71,6 +71,28 @@ def shm_free_bytes() -> int | None:
     return stats.f_bavail * stats.f_frsize
 
 
+def owner_prefix(owner: str) -> str:
+    """The start of the names of the POSIX rings that ``owner`` (a feeder's supervisor) creates."""
+    return f"{NAME_PREFIX}{os.getpid()}-{owner}"
+
+
+def remove_names(owner: str) -> None:
+    """Remove from ``/dev/shm`` every name ``owner`` may still have there: those an exception (a Ctrl-C)
+    cut off between a segment's creation and the moment its ring object held it."""
+    if not owner:
+        return
+    prefix = owner_prefix(owner)
+    try:
+        names = [name for name in os.listdir(SHM_DIR) if name.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        try:
+            _posixshmem.shm_unlink(f"/{name}")
+        except OSError:
+            pass
+
+
 def memfd_supported() -> bool:
     """Whether this OS gives ``memfd_create`` (Linux 3.17+)."""
     return hasattr(os, "memfd_create")
@@ -200,7 +222,9 @@ class Ring:
         self._readonly = memoryview(mapping).toreadonly()
 
     @classmethod
-    def create(cls, depth: int, slot_bytes: int, *, workers: int = 1, memory: str = "auto") -> Ring:
+    def create(
+        cls, depth: int, slot_bytes: int, *, workers: int = 1, memory: str = "auto", owner: str = ""
+    ) -> Ring:
         """Create, reserve and map a new ring (supervisor side). ``memory`` is ``"posix"`` (a named segment
         in ``/dev/shm``), ``"memfd"``, or ``"auto"``: posix while ``/dev/shm`` has room for all
         ``workers`` rings of this size, else memfd. Reserving now turns a later SIGBUS, and checking the
@@ -215,7 +239,7 @@ class Ring:
         if kind == "posix":
             check_shm_space(size, total, workers, depth, slot_bytes)
             check_memory_space(size, total, workers, depth, slot_bytes)
-            return cls._create_posix(depth, slot_bytes, workers)
+            return cls._create_posix(depth, slot_bytes, workers, owner)
         if not memfd_supported():
             raise OSError(errno.ENOSYS, "memory='memfd' needs Linux's memfd_create; use memory='posix'")
         available, where = memory_available()
@@ -229,9 +253,9 @@ class Ring:
         return cls._create_memfd(depth, slot_bytes, workers)
 
     @classmethod
-    def _create_posix(cls, depth: int, slot_bytes: int, workers: int) -> Ring:
+    def _create_posix(cls, depth: int, slot_bytes: int, workers: int, owner: str) -> Ring:
         size = depth * slot_bytes
-        name = f"/{NAME_PREFIX}{os.getpid()}-{os.urandom(6).hex()}"
+        name = f"/{owner_prefix(owner)}{os.urandom(6).hex()}"
         fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
         try:
             try:

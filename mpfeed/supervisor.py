@@ -20,7 +20,7 @@ from . import launcher, protocol
 from .channel import Channel
 from .errors import ElementError, SourceError, WorkerDiedError, WorkerError, describe_exit
 from .process import Process
-from .ring import Ring, check_memory_space, check_shm_space, choose_memory, slot_size_for
+from .ring import Ring, check_memory_space, check_shm_space, choose_memory, remove_names, slot_size_for
 
 _STOP_GRACE_S = 2.0  # for workers to finish the element in hand and exit on STOP
 _TERMINATE_GRACE_S = 1.0  # after SIGTERM, before SIGKILL
@@ -111,6 +111,7 @@ class Supervisor:
         self.server: launcher.ForkServer | None = None
         self.version = 0  # changes whenever the set of pipes to watch changes
         self.ring_memory: str | None = None  # the kind of the rings, decided with the first one
+        self.owner = f"{os.urandom(3).hex()}-"  # in the names of our POSIX rings (see `close`)
         work = launcher.pickle_work(source, args, kwargs)
         main_spec = launcher.main_module_spec(work)
         rings: list[Ring | None] = [None] * config.workers
@@ -318,7 +319,8 @@ class Supervisor:
 
     def _new_ring(self, slot_bytes: int) -> Ring:
         memory = self._memory_for(slot_bytes)
-        return Ring.create(self.config.depth, slot_bytes, workers=self.config.workers, memory=memory)
+        config = self.config
+        return Ring.create(config.depth, slot_bytes, workers=config.workers, memory=memory, owner=self.owner)
 
     # -- failures ------------------------------------------------------------------------------------
 
@@ -421,6 +423,7 @@ class Supervisor:
                 handle.ring.close()
         if self.server is not None:
             self.server.close()
+        remove_names(self.owner)
         self.closed = True
 
     def _running(self) -> list[WorkerHandle]:
