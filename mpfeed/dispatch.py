@@ -20,6 +20,8 @@ import numpy as np
 
 from .supervisor import Record, Supervisor, WorkerHandle
 
+_MUCH_LATER = 1.5  # ordered: a task waits rather than go to a worker expected to finish it this much later
+
 
 @dataclass(frozen=True)
 class EpochOrder:
@@ -51,8 +53,9 @@ class EpochOrder:
 class Dispatcher:
     """Hands an epoch's tasks to workers and remembers what was delivered, for ordering and resume."""
 
-    def __init__(self, order: EpochOrder, depth: int, lookahead: int) -> None:
+    def __init__(self, order: EpochOrder, depth: int, lookahead: int, ordered: bool) -> None:
         self.order = order
+        self.ordered = ordered
         self.depth = depth
         self.lookahead = lookahead
         self.start(0)
@@ -84,18 +87,40 @@ class Dispatcher:
         return [int(i) for i in self.positions[task * batch : (task + 1) * batch]]
 
     def assign(self, supervisor: Supervisor) -> None:
-        """Send tasks to the workers with room, the least busy first."""
+        """Send tasks to the workers with room. Ordered, each task goes to the worker expected to finish it
+        first, by its measured pace, and waits when that worker has no room: a slow worker then takes a
+        share that matches its pace, instead of holding up the order. First-ready, to the least busy."""
         handles = [h for h in supervisor.handles if not h.gone]
         while self.next_task < self.count and handles:
-            handle = min(handles, key=_load)
-            if handle.pending_tasks >= self.lookahead or _load(handle) >= self.depth:
-                return
+            if self.ordered:
+                handle = self._fastest_with_room(handles)
+                if handle is None:
+                    return
+            else:
+                handle = min(handles, key=_load)
+                if handle.pending_tasks >= self.lookahead or _load(handle) >= self.depth:
+                    return
             task = self.next_task
             supervisor.send_task(handle, task, self.indices(task))
             self.assigned[task] = handle.index
             self.next_task += 1
             while self.next_task in self.base_done:
                 self.next_task += 1
+
+    def _fastest_with_room(self, handles: list[WorkerHandle]) -> WorkerHandle | None:
+        """The worker with room expected to finish a new task first, by its pace; None to wait, when none
+        has room or a much faster one's ring is full of records that wait for the head."""
+        paces = [h.service_s for h in handles if h.service_s is not None]
+        usual = sum(paces) / len(paces) if paces else 1.0
+        finish = {h.index: (h.pending_tasks + 1) * (h.service_s or usual) for h in handles}
+        free = [h for h in handles if h.pending_tasks < self.lookahead]
+        ready = [h for h in free if _load(h) < self.depth]
+        if not ready:
+            return None
+        best = min(ready, key=lambda h: finish[h.index])
+        if finish[best.index] > _MUCH_LATER * min(finish[h.index] for h in free):
+            return None
+        return best
 
     def delivered(self, task: int) -> None:
         self.assigned.pop(task, None)

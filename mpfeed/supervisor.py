@@ -27,6 +27,8 @@ _TERMINATE_GRACE_S = 1.0  # after SIGTERM, before SIGKILL
 _KILL_WAIT_S = 5.0  # after SIGKILL, for the kernel to end it
 _EXIT_CODE_WAIT_S = 2.0  # for the exit code of a worker whose pipe closed
 _DRAIN_SLICE_S = 0.02
+# The weight of each task in a worker's smoothed pace: a long memory, so one slow element barely moves it.
+_PACE_WEIGHT = 0.05
 
 
 @dataclass(slots=True)
@@ -83,6 +85,8 @@ class WorkerHandle:
     ended: bool = False  # this epoch's End has been taken from the inbox
     produced: int = 0  # generator: elements of its shard it announced in the current run
     pending_tasks: int = 0  # random access: tasks sent in the current run and not yet answered
+    service_s: float | None = None  # random access: how long it takes per task, smoothed
+    busy_since: float = 0.0  # when it last started on a task with none before it (or answered one)
     items: int = 0  # elements delivered over the feeder's life
     bytes: int = 0
     held: int = 0  # slots whose views the user still holds
@@ -177,6 +181,8 @@ class Supervisor:
     def send_task(self, handle: WorkerHandle, task: int, indices: list[int]) -> None:
         """Ask a worker of a random-access source to make task ``task`` of the current run."""
         self._send(handle, protocol.task(self.run, task, indices))
+        if not handle.pending_tasks:
+            handle.busy_since = time.monotonic()
         handle.pending_tasks += 1
 
     def release(self, handle: WorkerHandle, record: Record) -> None:
@@ -293,6 +299,11 @@ class Supervisor:
             handle.produced = record.key
             if handle.pending_tasks:
                 handle.pending_tasks -= 1
+                now = time.monotonic()
+                took = now - handle.busy_since
+                smoothed = handle.service_s
+                handle.service_s = took if smoothed is None else smoothed + _PACE_WEIGHT * (took - smoothed)
+                handle.busy_since = now
         else:
             self.release(handle, record)
 
