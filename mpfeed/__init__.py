@@ -1,6 +1,7 @@
-"""mpfeed: feed tf.data from a slow Python generator with every core.
+"""mpfeed: feed tf.data from slow Python code with every core.
 
-    source(*args, shard)         worker processes, one per shard; never import TensorFlow (tfguard)
+    source[i], or                worker processes; a random-access source makes the tasks the consumer
+    source(*args, shard)         hands out (dispatch), a generator its shard; never import TensorFlow
           |  element (a nest of numpy arrays and scalars)
           v
     layout.Encoder ----------->  ring slot       one shared-memory ring per worker, depth slots,
