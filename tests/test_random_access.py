@@ -256,6 +256,8 @@ def test_from_generator_maps_an_input_context_onto_a_partition():
         seen.append([int(e["i"]) for e in ds])
         ds._mpfeed_feeder.close()
     assert sorted(seen[0] + seen[1]) == list(range(21)) and not set(seen[0]) & set(seen[1])
+    with pytest.raises(ValueError, match="input_context or partition, not both"):
+        mpfeed.from_generator(sources.Numbers(21), input_context=context, partition=(0, 2))
 
 
 def test_a_checkpoint_saves_and_restores_the_position_with_the_model(tmp_path):
