@@ -32,14 +32,18 @@ def _raise_any_failure(supervisor: Supervisor) -> None:
             raise supervisor.error(handle, handle.inbox[-1])
 
 
-class RoundRobin:
-    """Ordered: worker 0's next record, then worker 1's, ...; with strided shards that is source order."""
+class _Rotation:
+    """A policy that looks at the workers in turn, from ``cursor`` on."""
 
     def __init__(self) -> None:
         self.cursor = 0
 
     def reset(self) -> None:
         self.cursor = 0
+
+
+class RoundRobin(_Rotation):
+    """Ordered: worker 0's next record, then worker 1's, ...; with strided shards that is source order."""
 
     def take(self, supervisor: Supervisor, strict: bool = True) -> Taken:
         handles = supervisor.handles
@@ -62,14 +66,8 @@ class RoundRobin:
         return None, None
 
 
-class FirstReady:
+class FirstReady(_Rotation):
     """Unordered: the next ready record, looking at the workers round-robin so none is starved."""
-
-    def __init__(self) -> None:
-        self.cursor = 0
-
-    def reset(self) -> None:
-        self.cursor = 0
 
     def take(self, supervisor: Supervisor, strict: bool = True) -> Taken:
         handles = supervisor.handles
@@ -100,17 +98,14 @@ class FirstReady:
         return None, None
 
 
-class Window:
+class Window(_Rotation):
     """Random access: records by task, in task order (ordered: the reorder window is every worker's ring)
     or first ready; the epoch ends when its dispatcher has every task delivered."""
 
     def __init__(self, dispatcher: Dispatcher, ordered: bool) -> None:
+        super().__init__()
         self.dispatcher = dispatcher
         self.ordered = ordered
-        self.cursor = 0
-
-    def reset(self) -> None:
-        self.cursor = 0
 
     def take(self, supervisor: Supervisor, strict: bool = True) -> Taken:
         dispatcher = self.dispatcher
