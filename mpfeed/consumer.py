@@ -19,12 +19,13 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+from .diagnosis import CallClock
 from .dispatch import Dispatcher, EpochOrder, decode_done, encode_done
 from .errors import BrokenError, ClosedError, ShmSpaceError, SupersededError, WorkerError, WorkerTimeoutError
 from .leases import Leases, Releases
 from .ordering import FirstReady, RoundRobin, Window
 from .state import FORMAT, check_state
-from .supervisor import Supervisor, WorkerConfig, WorkerHandle
+from .supervisor import Record, Supervisor, WorkerConfig, WorkerHandle
 
 _WAIT_SLICE_S = 1.0  # longest single wait before re-checking liveness, closing and timeouts
 # Tasks a worker of a random-access source may hold unanswered: first-ready, a ring's worth; ordered, two,
@@ -99,6 +100,8 @@ class Consumer:
         self._epoch_taken = False  # whether an iteration already serves the current epoch
         self._peeked: list = []
         self.wait_s = 0.0
+        self.head_of_line_s = 0.0  # ordered: waiting for the next element while others were ready
+        self.clock = CallClock()
         try:
             self.supervisor = Supervisor(source, args, kwargs, workers)
         except BaseException:
@@ -249,8 +252,15 @@ class Consumer:
     # -- the consumer's loop -------------------------------------------------------------------------
 
     def next(self, serial: int, copy_below: int, strict: bool = True, peeking: bool = False) -> Any:
-        """The next element of iteration ``serial`` (or `EPOCH_END`). Holds the lock while it reads pipes
-        and hands out views; waits for workers without it."""
+        """The next element of iteration ``serial`` (or `EPOCH_END`), timed for the diagnosis."""
+        entered, waited = time.monotonic(), self.wait_s
+        try:
+            return self._next(serial, copy_below, strict, peeking)
+        finally:
+            self.clock.note(entered, time.monotonic(), self.wait_s - waited)
+
+    def _next(self, serial: int, copy_below: int, strict: bool, peeking: bool) -> Any:
+        """Holds the lock while it reads pipes and hands out views; waits for workers without it."""
         since = time.monotonic()
         idle = False  # whether the last wait ended with nothing to read
         while True:
@@ -274,7 +284,14 @@ class Consumer:
                         if slice_s <= 0:
                             raise self._timed_out(awaited)
                     version, fds = self.supervisor.version, self.supervisor.watched()
+                    behind_head = self._ordered and any(
+                        h is not awaited and any(type(e) is Record for e in h.inbox)
+                        for h in self.supervisor.handles
+                    )
+            waited = self.wait_s
             idle = not self._wait(version, fds, slice_s)
+            if behind_head:  # others had elements ready: the next one in order held them up
+                self.head_of_line_s += self.wait_s - waited
 
     def _step(self, copy_below: int, strict: bool) -> tuple[WorkerHandle | None, Any]:
         """Take the next element if one is ready: ``(None, element)``, ``(None, EPOCH_END)``, or

@@ -18,6 +18,7 @@ import psutil
 
 from . import bootstrap
 from .consumer import EPOCH_END, Consumer
+from .diagnosis import Picture, verdict
 from .layout import align
 from .supervisor import Supervisor, WorkerConfig, WorkerHandle
 
@@ -46,6 +47,12 @@ class WorkerStats:
     """Size of each slot in its ring (0 until the ring is sized from the first element)."""
     cpu_s: float
     """CPU seconds the worker process has used (user + system)."""
+    busy_s: float
+    """Seconds it spent making elements (the source's work and writing records), as it last reported."""
+    blocked_s: float
+    """Seconds it waited for a free slot: the consumer was behind."""
+    idle_s: float
+    """Seconds it waited for work: a task, or the next epoch."""
     rss_bytes: int
     """The worker's resident memory."""
 
@@ -66,6 +73,22 @@ class FeederStats:
     """``bytes / elapsed_s``."""
     wait_s: float
     """Seconds the consumer spent waiting for workers."""
+    wait_fraction: float
+    """The share of the consumer's time spent waiting for input, over the feeder's life: its own work
+    between calls (the training step) plus its calls for elements. Above 0.2, training is input-bound."""
+    recent_wait_fraction: float
+    """The same over the last 10 seconds."""
+    step_s: float
+    """Seconds the consumer spent between its calls for elements: its own work (the training step)."""
+    overhead_s: float
+    """Seconds inside the calls for elements, not waiting: mpfeed's own cost to the consumer."""
+    calls: int
+    """Calls for elements (a batch, or a chunk through dataset(), is one)."""
+    head_of_line_s: float
+    """Ordered delivery: seconds waiting for the next element in order while other workers had theirs
+    ready."""
+    active_workers: int
+    """Workers being given work."""
     overflow: int
     """Records too big for their slot, carried through the worker's pipe instead."""
     copies: int
@@ -270,7 +293,7 @@ class Feeder:
 
         Safe from any thread at any time: it reads snapshots, never a pipe."""
         consumer = self._consumer
-        supervisor = consumer.supervisor
+        supervisor, clock = consumer.supervisor, consumer.clock
         elapsed = max(time.monotonic() - self._started, 1e-9)
         workers = tuple(
             _worker_stats(handle, consumer.releases.pending(handle.index)) for handle in supervisor.handles
@@ -284,6 +307,13 @@ class Feeder:
             items_per_s=items / elapsed,
             bytes_per_s=nbytes / elapsed,
             wait_s=consumer.wait_s,
+            wait_fraction=clock.wait_fraction(),
+            recent_wait_fraction=clock.recent_wait_fraction(),
+            step_s=clock.between_s,
+            overhead_s=max(0.0, clock.inside_s - clock.waited_s),
+            calls=clock.calls,
+            head_of_line_s=consumer.head_of_line_s,
+            active_workers=len(supervisor.handles),
             overflow=supervisor.overflow,
             copies=consumer.leases.copies,
             epoch=consumer.epoch,
@@ -291,6 +321,32 @@ class Feeder:
             ring_memory=supervisor.ring_memory,
             workers=workers,
         )
+
+    def report(self) -> str:
+        """What limits training, in a few plain lines: input-bound (the consumer waits for input more than
+        20% of its time), moderately (over 5%) or bound by the consumer, and what to do about it."""
+        stats = self.stats()
+        spent = [w.busy_s + w.blocked_s + w.idle_s for w in stats.workers]
+        total = sum(spent) or 1.0
+        picture = Picture(
+            calls=stats.calls,
+            wait_fraction=stats.wait_fraction,
+            recent_wait_fraction=stats.recent_wait_fraction,
+            step_s=stats.step_s,
+            overhead_s=stats.overhead_s,
+            head_of_line_s=stats.head_of_line_s,
+            wait_s=stats.wait_s,
+            workers=stats.active_workers,
+            cores=_usable_cpus(),
+            ordered=self._consumer._ordered,
+            batched=self._consumer.supervisor.config.batch_size is not None,
+            busy=sum(w.busy_s for w in stats.workers) / total,
+            blocked=sum(w.blocked_s for w in stats.workers) / total,
+            idle=sum(w.idle_s for w in stats.workers) / total,
+            cpu_while_busy=sum(w.cpu_s for w in stats.workers)
+            / (sum(w.busy_s for w in stats.workers) or 1.0),
+        )
+        return "\n".join(verdict(picture))
 
     def close(self) -> None:
         """Stop the workers and release every segment. Views already handed out stay valid. Idempotent,
@@ -355,6 +411,9 @@ def _worker_stats(handle: WorkerHandle, released: int) -> WorkerStats:
         queued=len(handle.inbox),
         slot_bytes=handle.ring.slot_bytes if handle.ring is not None else 0,
         cpu_s=cpu_s,
+        busy_s=handle.times[0],
+        blocked_s=handle.times[1],
+        idle_s=handle.times[2],
         rss_bytes=rss,
     )
 

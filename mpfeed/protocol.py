@@ -14,6 +14,9 @@ Worker to consumer, in the order they happen (one pipe per worker keeps them ord
                                        slot's credit, so the consumer never queues more than a ring's worth)
     END      run u32, count u64        the shard's epoch is over after ``count`` elements (generators)
     ATTACHED                           the worker mapped its ring; the name can go
+    TIMES    busy f64, blocked f64, idle f64
+                                       seconds so far making elements, waiting for a free slot, and
+                                       waiting for work (sent every half second or so)
     FAILED   pickled Failure           the source raised, or an element was refused; the worker exits
 
 Consumer to worker:
@@ -42,7 +45,7 @@ import struct
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-FILLED, INLINE, END, ATTACHED, FAILED = b"F", b"I", b"E", b"A", b"X"
+FILLED, INLINE, END, ATTACHED, FAILED, TIMES = b"F", b"I", b"E", b"A", b"X", b"M"
 CREDIT, RING, EPOCH, TASK, STOP = b"C", b"R", b"N", b"T", b"S"
 
 _U32 = struct.Struct("<I")
@@ -51,6 +54,7 @@ _END = struct.Struct("<IQ")
 _INLINE = struct.Struct("<IQI")
 _EPOCH = struct.Struct("<IIQ")
 _TASK = struct.Struct("<IQ")
+_TIMES = struct.Struct("<ddd")
 NO_SLOT = 0xFFFFFFFF
 FORK, PID, EXITED = b"K", b"P", b"Q"
 _PID = struct.Struct("<I")
@@ -146,6 +150,15 @@ def end(run: int, count: int) -> bytes:
 def read_end(message: bytes) -> tuple[int, int]:
     """``(run, count)``."""
     return _END.unpack_from(message, 1)
+
+
+def times(busy: float, blocked: float, idle: float) -> bytes:
+    return TIMES + _TIMES.pack(busy, blocked, idle)
+
+
+def read_times(message: bytes) -> tuple[float, float, float]:
+    """``(busy, blocked, idle)`` seconds."""
+    return _TIMES.unpack_from(message, 1)
 
 
 def credit(slots: list[int]) -> bytes:

@@ -92,6 +92,7 @@ class WorkerHandle:
     held: int = 0  # slots whose views the user still holds
     exitcode: int | None = None
     credits: list = field(default_factory=list)  # freed slots not yet sent back
+    times: tuple[float, float, float] = (0.0, 0.0, 0.0)  # busy, blocked, idle seconds, as it last said
 
     @property
     def pid(self) -> int:
@@ -285,6 +286,8 @@ class Supervisor:
             run, count = protocol.read_end(message)
             if run == self.run:
                 handle.inbox.append(End(count))
+        elif tag == protocol.TIMES:
+            handle.times = protocol.read_times(message)
         elif tag == protocol.ATTACHED:
             if handle.ring is not None:
                 handle.ring.unlink()

@@ -32,6 +32,7 @@ EXIT_ORPHANED = 2
 _PARENT_CHECK_S = 0.5
 _CONTROL_POLL_S = 0.5
 _CONTROL_CHECK_S = 0.01
+_REPORT_S = 0.5  # how often a worker tells the consumer how it spends its time
 
 
 class _Restart(Exception):
@@ -143,6 +144,9 @@ class _Worker:
         self.tasks: deque[tuple[int, tuple[int, ...]]] = deque()  # (seq, indices) of the current run
         self.ring: Ring | None = None
         self.free: deque[int] = deque()
+        self.started = self.reported = time.monotonic()
+        self.blocked_s = 0.0  # waiting for a free slot: the consumer is behind
+        self.idle_s = 0.0  # waiting for work: a task, or the next epoch
         self.encoder = Encoder()
         if setup.ring is not None:
             self._attach(setup.ring)
@@ -225,8 +229,8 @@ class _Worker:
             if now >= next_check:  # as for generators: a stop or new tasks, now and then
                 self._handle_control(block=False)
                 next_check = now + _CONTROL_CHECK_S
-            while not self.tasks:
-                self._handle_control(block=True)
+            if not self.tasks:
+                self._wait_until(lambda: bool(self.tasks), blocked=False)
             seq, indices = self.tasks.popleft()
             epoch, items = self.epoch, []
             for offset, index in enumerate(indices):
@@ -251,11 +255,10 @@ class _Worker:
             raise self._fail("element", error, first, self.epoch) from None
         if self.ring is None:  # the first record: the consumer sizes our ring from it
             self._send_inline(record, run, key, protocol.NO_SLOT)
-            while self.ring is None:
-                self._handle_control(block=True)
+            self._wait_until(lambda: self.ring is not None, blocked=True)
             return
-        while not self.free:
-            self._handle_control(block=True)
+        if not self.free:
+            self._wait_until(lambda: bool(self.free), blocked=True)
         slot = self.free.popleft()
         if record.nbytes > self.ring.slot_bytes:
             self._send_inline(record, run, key, slot)
@@ -281,14 +284,43 @@ class _Worker:
 
     def _idle(self) -> NoReturn:
         """Between epochs: wait for the consumer to ask for the next one (or to stop)."""
-        while True:
-            self._handle_control(block=True)
+        self._wait_until(lambda: False, blocked=False)
+        raise AssertionError("unreachable: only a restart or a stop ends the wait")
+
+    def _wait_until(self, ready, *, blocked: bool) -> None:
+        """Handle control messages until ``ready()``, counting the time as blocked (the consumer is behind:
+        no free slot) or idle (no work)."""
+        last = time.monotonic()
+        try:
+            while not ready():
+                self._handle_control(block=True)
+                now = time.monotonic()
+                if blocked:
+                    self.blocked_s += now - last
+                else:
+                    self.idle_s += now - last
+                last = now
+        finally:
+            now = time.monotonic()
+            if blocked:
+                self.blocked_s += now - last
+            else:
+                self.idle_s += now - last
+
+    def _report_time(self) -> None:
+        """Now and then, tell the consumer how this worker spent its time: busy, blocked, idle."""
+        now = time.monotonic()
+        if now - self.reported >= _REPORT_S:
+            self.reported = now
+            busy = now - self.started - self.blocked_s - self.idle_s
+            self.connection.send_bytes(protocol.times(busy, self.blocked_s, self.idle_s))
 
     def _handle_control(self, block: bool) -> None:
         """Apply every waiting control message; with ``block``, wait (a while) for at least one.
 
         Raises `_Restart` or `_Stop` when the consumer asks for that."""
         connection = self.connection
+        self._report_time()
         if block and not self.readable(_CONTROL_POLL_S):
             return
         while self.readable():

@@ -14,6 +14,7 @@ import argparse
 import math
 import os
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -191,6 +192,8 @@ def main() -> None:
     report("tf.data from_generator", plain_dataset(paths, labels, args.size, args.batch))
     with mpfeed_feeder(paths, labels, args.size, args.batch, args.workers) as feeder:
         report(f"mpfeed, {feeder.workers} workers", feeder.dataset().repeat().prefetch(2))
+        print("\nmpfeed's own diagnosis, feeder.report() (its recent window is mostly the training run):")
+        print(textwrap.indent(feeder.report(), "  "))
 
 
 if __name__ == "__main__":

@@ -354,3 +354,17 @@ def seeks(n, shard):
     """A generator source that starts its shard at ``shard.start`` itself (marked seekable)."""
     for i in list(range(shard.index, n, shard.count))[shard.start :]:
         yield np.full(4, i, dtype=np.int64), i
+
+
+class Waits:
+    """A random-access source whose every element waits ``seconds`` (I/O-like, no CPU)."""
+
+    def __init__(self, n, seconds):
+        self.n, self.seconds = n, seconds
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        time.sleep(self.seconds)
+        return np.full(4, index, dtype=np.int64), index
