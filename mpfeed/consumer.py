@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+from .autotune import Autotuner
 from .diagnosis import CallClock
 from .dispatch import Dispatcher, EpochOrder, decode_done, encode_done
 from .errors import BrokenError, ClosedError, ShmSpaceError, SupersededError, WorkerError, WorkerTimeoutError
@@ -59,7 +60,9 @@ class Consumer:
         timeout: float | None,
         length: int | None,
         shuffle: bool,
+        autotune: tuple[int, int] | None = None,
     ) -> None:
+        """``autotune``: ``(usable cores, max_workers)`` to adjust the workers of a random-access source."""
         self.depth = workers.depth
         self.dispatcher: Dispatcher | None = None
         self._ordering: RoundRobin | FirstReady | Window
@@ -107,6 +110,11 @@ class Consumer:
         except BaseException:
             self.releases.close()
             raise
+        self.tuner: Autotuner | None = None
+        if autotune is not None and self.dispatcher is not None:
+            self.dispatcher.active = workers.workers
+            cores, max_workers = autotune
+            self.tuner = Autotuner(self.supervisor, self.dispatcher, self.clock, cores, max_workers)
         self._owner = weakref.ref(owner)
         self._finalizer = self._arm_finalizer()
 
@@ -115,6 +123,13 @@ class Consumer:
         return weakref.finalize(
             self._owner(), _shutdown, self.life, self._lock, self.supervisor, self.releases
         )
+
+    def active_workers(self) -> int:
+        """Workers being given work."""
+        dispatcher = self.dispatcher
+        if dispatcher is not None and dispatcher.active is not None:
+            return dispatcher.active
+        return len(self.supervisor.handles)
 
     def open_pass(self) -> int:
         """Start the next pass (an iteration): a loaded position's epoch, or the next epoch once the
@@ -272,6 +287,8 @@ class Consumer:
                 if self._peeked and not peeking:
                     return self._peeked.pop()
                 with self._guard("taking an element"):
+                    if self.tuner is not None:
+                        self.tuner.tick()
                     if idle:
                         self.supervisor.check_processes()
                     awaited, element = self._step(copy_below, strict)

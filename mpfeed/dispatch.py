@@ -56,6 +56,7 @@ class Dispatcher:
     def __init__(self, order: EpochOrder, depth: int, lookahead: int, ordered: bool) -> None:
         self.order = order
         self.ordered = ordered
+        self.active: int | None = None  # tasks go to the first ``active`` workers (all when None)
         self.depth = depth
         self.lookahead = lookahead
         self.start(0)
@@ -90,7 +91,7 @@ class Dispatcher:
         """Send tasks to the workers with room. Ordered, each task goes to the worker expected to finish it
         first, by its measured pace, and waits when that worker has no room: a slow worker then takes a
         share that matches its pace, instead of holding up the order. First-ready, to the least busy."""
-        handles = [h for h in supervisor.handles if not h.gone]
+        handles = [h for h in supervisor.handles[: self.active] if not h.gone]
         while self.next_task < self.count and handles:
             if self.ordered:
                 handle = self._fastest_with_room(handles)

@@ -17,12 +17,14 @@ from typing import Any
 import psutil
 
 from . import bootstrap
+from .autotune import Change
 from .consumer import EPOCH_END, Consumer
 from .diagnosis import Picture, verdict
 from .layout import align
 from .supervisor import Supervisor, WorkerConfig, WorkerHandle
 
 DEFAULT_START_METHOD = "forkserver"
+_AUTO_MAX_WORKERS = 32
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,10 @@ class FeederStats:
     """Ordered delivery: seconds waiting for the next element in order while other workers had theirs
     ready."""
     active_workers: int
-    """Workers being given work."""
+    """Workers being given work (``workers="auto"`` adjusts it)."""
+    worker_changes: tuple[Change, ...]
+    """With ``workers="auto"``: every change of the worker count, with when and why (also logged at INFO by
+    the "mpfeed" logger)."""
     overflow: int
     """Records too big for their slot, carried through the worker's pipe instead."""
     copies: int
@@ -125,7 +130,12 @@ class Feeder:
         source: a random-access object, or a module-level generator function (either is pickled and
             sent to every worker).
         args, kwargs: any picklable objects, sent once to every worker and passed to a generator source.
-        workers: worker processes; default: the CPUs this process may use.
+        workers: worker processes; default: the CPUs this process may use. ``"auto"``: for a random-access
+            source, adjusted while the feeder runs, to the fewest that keep the consumer from waiting (see
+            `mpfeed.autotune`; ``stats().active_workers``, ``stats().worker_changes``); a generator
+            source's shards cannot change without changing its data, so there it means the usable CPUs.
+        max_workers: with ``workers="auto"``, the most workers it may start (default: 32, or twice the
+            usable CPUs where that is more): I/O-bound sources want many more workers than cores.
         depth: slots per worker ring, i.e. how many records each worker may have ready ahead.
         slot_bytes: slot size; default: sized from each worker's first record with 25% headroom. A
             bigger record still arrives intact through the worker's pipe (``stats().overflow``).
@@ -154,7 +164,7 @@ class Feeder:
         *,
         args: tuple = (),
         kwargs: dict[str, Any] | None = None,
-        workers: int | None = None,
+        workers: int | str | None = None,
         depth: int = 4,
         slot_bytes: int | None = None,
         batch_size: int | None = None,
@@ -166,6 +176,7 @@ class Feeder:
         ring_memory: str = "auto",
         shuffle: bool = False,
         partition: tuple[int, int] | None = None,
+        max_workers: int | None = None,
     ) -> None:
         if bootstrap.importing_main:
             raise RuntimeError(
@@ -199,8 +210,22 @@ class Feeder:
             and 0 <= partition[0] < partition[1],
             f"partition must be (index, count) with 0 <= index < count, got {partition!r}",
         )
-        workers = _usable_cpus() if workers is None else workers
-        _require(_is_int(workers) and workers >= 1, f"workers must be an int >= 1, got {workers!r}")
+        cores = _usable_cpus()
+        autotune = None
+        if workers == "auto":
+            max_workers = max(_AUTO_MAX_WORKERS, 2 * cores) if max_workers is None else max_workers
+            _require(
+                _is_int(max_workers) and max_workers >= 1,
+                f"max_workers must be an int >= 1, got {max_workers!r}",
+            )
+            count = min(cores, max_workers)
+            autotune = (cores, max_workers) if indexed else None
+        else:
+            _require(max_workers is None, 'max_workers goes with workers="auto"')
+            count = cores if workers is None else workers if isinstance(workers, int) else 0
+            _require(
+                _is_int(count) and count >= 1, f'workers must be an int >= 1, "auto" or None, got {workers!r}'
+            )
         _require(_is_int(depth) and depth >= 1, f"depth must be an int >= 1, got {depth!r}")
         _require(
             slot_bytes is None or (_is_int(slot_bytes) and slot_bytes > 0),
@@ -228,7 +253,7 @@ class Feeder:
         )
         seed = seed if seed is not None else secrets.randbits(63)
         workers_config = WorkerConfig(
-            workers=workers,
+            workers=count,
             depth=depth,
             slot_bytes=None if slot_bytes is None else align(slot_bytes),
             batch_size=batch_size,
@@ -250,6 +275,7 @@ class Feeder:
             timeout=timeout,
             length=length if indexed else None,
             shuffle=bool(shuffle),
+            autotune=autotune,
         )
 
     # -- public face ---------------------------------------------------------------------------------
@@ -313,7 +339,8 @@ class Feeder:
             overhead_s=max(0.0, clock.inside_s - clock.waited_s),
             calls=clock.calls,
             head_of_line_s=consumer.head_of_line_s,
-            active_workers=len(supervisor.handles),
+            active_workers=consumer.active_workers(),
+            worker_changes=tuple(consumer.tuner.history) if consumer.tuner is not None else (),
             overflow=supervisor.overflow,
             copies=consumer.leases.copies,
             epoch=consumer.epoch,

@@ -117,17 +117,31 @@ class Supervisor:
         self.version = 0  # changes whenever the set of pipes to watch changes
         self.ring_memory: str | None = None  # the kind of the rings, decided with the first one
         self.owner = f"{os.urandom(3).hex()}-"  # in the names of our POSIX rings (see `close`)
-        work = launcher.pickle_work(source, args, kwargs)
-        main_spec = launcher.main_module_spec(work)
-        rings: list[Ring | None] = [None] * config.workers
+        self._work = launcher.pickle_work(source, args, kwargs)
+        self._main_spec = launcher.main_module_spec(self._work)
         try:
             if config.slot_bytes is not None:
                 self._check_space(config.slot_bytes)
-                for index in range(config.workers):  # one at a time, so a failure closes those made
-                    rings[index] = self._new_ring(config.slot_bytes)
+            if config.start_method == "forkserver":
+                self.server = launcher.ForkServer(self._work, self._main_spec)
+            self.add_workers(config.workers)
+        except BaseException:
+            self.close()
+            raise
+
+    def add_workers(self, count: int) -> None:
+        """Start ``count`` more workers (the feeder starts with ``config.workers``; autotuning may add more
+        for a random-access source, whose data does not depend on them). They join the current run."""
+        config = self.config
+        first = len(self.handles)
+        rings: list[Ring | None] = [None] * count
+        try:
+            if config.slot_bytes is not None:
+                for offset in range(count):  # one at a time, so a failure closes those made
+                    rings[offset] = self._new_ring(config.slot_bytes)
             setups = [
                 protocol.WorkerSetup(
-                    index=config.partition[0] * config.workers + index,
+                    index=config.partition[0] * config.workers + first + offset,
                     count=config.partition[1] * config.workers,
                     seed=config.seed,
                     depth=config.depth,
@@ -138,22 +152,23 @@ class Supervisor:
                     consumer_pid=os.getpid(),
                     indexed=config.indexed,
                 )
-                for index, ring in enumerate(rings)
+                for offset, ring in enumerate(rings)
             ]
-            if config.start_method == "forkserver":
-                self.server = launcher.ForkServer(work, main_spec)
-                for index, (process, channel) in enumerate(self.server.fork_all(setups)):
-                    self.handles.append(WorkerHandle(index, process, channel, rings[index]))
+            if self.server is not None:
+                for offset, (process, channel) in enumerate(self.server.fork_all(setups)):
+                    self.handles.append(WorkerHandle(first + offset, process, channel, rings[offset]))
             else:
-                for index, setup in enumerate(setups):
-                    spawned, channel = launcher.launch(work, main_spec, setup)
-                    self.handles.append(WorkerHandle(index, spawned, channel, rings[index]))
-        except BaseException:
-            for ring in rings[len(self.handles) :]:
+                for offset, setup in enumerate(setups):
+                    spawned, channel = launcher.launch(self._work, self._main_spec, setup)
+                    self.handles.append(WorkerHandle(first + offset, spawned, channel, rings[offset]))
+        finally:
+            for ring in rings[len(self.handles) - first :]:
                 if ring is not None:
                     ring.close()
-            self.close()
-            raise
+            self.version += 1
+        if self.run:
+            for handle in self.handles[first:]:
+                self._send(handle, protocol.epoch(self.run, self.epoch))
 
     # -- epochs --------------------------------------------------------------------------------------
 
