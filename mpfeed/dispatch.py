@@ -99,7 +99,7 @@ class Dispatcher:
                     return
             else:
                 handle = min(handles, key=_load)
-                if handle.pending_tasks >= self.lookahead or _load(handle) >= self.depth:
+                if handle.pending_tasks >= self.lookahead or _load(handle) >= _room(handle, self.depth):
                     return
             task = self.next_task
             supervisor.send_task(handle, task, self.indices(task))
@@ -115,7 +115,7 @@ class Dispatcher:
         usual = sum(paces) / len(paces) if paces else 1.0
         finish = {h.index: (h.pending_tasks + 1) * (h.service_s or usual) for h in handles}
         free = [h for h in handles if h.pending_tasks < self.lookahead]
-        ready = [h for h in free if _load(h) < self.depth]
+        ready = [h for h in free if _load(h) < _room(h, self.depth)]
         if not ready:
             return None
         best = min(ready, key=lambda h: finish[h.index])
@@ -140,6 +140,11 @@ class Dispatcher:
         while position in delivered:
             position += 1
         return position, frozenset(t for t in delivered if t > position)
+
+
+def _room(handle: WorkerHandle, depth: int) -> int:
+    """The slots the worker may use (its first record, which sizes its ring, comes before any)."""
+    return handle.granted or depth
 
 
 def _load(handle: WorkerHandle) -> int:

@@ -47,6 +47,8 @@ class WorkerStats:
     """Records announced by the worker that the consumer has not taken yet."""
     slot_bytes: int
     """Size of each slot in its ring (0 until the ring is sized from the first element)."""
+    slots: int
+    """Slots of its ring it may use now: ``depth``, more while views linger."""
     cpu_s: float
     """CPU seconds the worker process has used (user + system)."""
     busy_s: float
@@ -101,9 +103,13 @@ class FeederStats:
     epoch: int
     """The epoch being served, counting from 0."""
     shm_bytes: int
-    """Shared memory mapped for rings (workers x depth x slot_bytes, for rings sized so far)."""
+    """Shared memory reserved for rings (slots x slot_bytes, for the rings made so far)."""
     ring_memory: str | None
     """Where the rings live: "posix" (/dev/shm) or "memfd"; None until the first ring is made."""
+    shm_budget: int
+    """The most bytes the rings may take (``shm_bytes`` never exceeds it)."""
+    depth_grows: int
+    """Slots given to workers beyond ``depth`` because views lingered (instead of copies)."""
     workers: tuple[WorkerStats, ...]
     """Per-worker figures, by shard index."""
 
@@ -134,6 +140,10 @@ class Feeder:
             source, adjusted while the feeder runs, to the fewest that keep the consumer from waiting (see
             `mpfeed.autotune`; ``stats().active_workers``, ``stats().worker_changes``); a generator
             source's shards cannot change without changing its data, so there it means the usable CPUs.
+        shm_budget: the most bytes the feeder's rings may take, all workers together (default: a quarter
+            of the memory available when it starts). Each ring has room for twice ``depth`` records
+            within its worker's share: the slots beyond ``depth`` are given to a worker only while the
+            consumer (TensorFlow's prefetch, say) holds its views, instead of copying records out.
         max_workers: with ``workers="auto"``, the most workers it may start (default: 32, or twice the
             usable CPUs where that is more): I/O-bound sources want many more workers than cores.
         depth: slots per worker ring, i.e. how many records each worker may have ready ahead.
@@ -177,6 +187,7 @@ class Feeder:
         shuffle: bool = False,
         partition: tuple[int, int] | None = None,
         max_workers: int | None = None,
+        shm_budget: int | None = None,
     ) -> None:
         if bootstrap.importing_main:
             raise RuntimeError(
@@ -227,6 +238,11 @@ class Feeder:
                 _is_int(count) and count >= 1, f'workers must be an int >= 1, "auto" or None, got {workers!r}'
             )
         _require(_is_int(depth) and depth >= 1, f"depth must be an int >= 1, got {depth!r}")
+        if shm_budget is None:
+            shm_budget = psutil.virtual_memory().available // 4
+        _require(
+            _is_int(shm_budget) and shm_budget > 0, f"shm_budget must be positive bytes, got {shm_budget!r}"
+        )
         _require(
             slot_bytes is None or (_is_int(slot_bytes) and slot_bytes > 0),
             f"slot_bytes must be a positive int or None, got {slot_bytes!r}",
@@ -263,6 +279,8 @@ class Feeder:
             ring_memory=ring_memory,
             indexed=indexed,
             partition=partition,
+            shm_budget=shm_budget,
+            max_workers=autotune[1] if autotune is not None else count,
         )
         self._started = time.monotonic()
         self._consumer = Consumer(
@@ -344,7 +362,9 @@ class Feeder:
             overflow=supervisor.overflow,
             copies=consumer.leases.copies,
             epoch=consumer.epoch,
-            shm_bytes=sum(w.slot_bytes * consumer.depth for w in workers),
+            shm_bytes=sum(h.ring.depth * h.ring.slot_bytes for h in supervisor.handles if h.ring is not None),
+            shm_budget=supervisor.config.shm_budget or 0,
+            depth_grows=supervisor.depth_grows,
             ring_memory=supervisor.ring_memory,
             workers=workers,
         )
@@ -437,6 +457,7 @@ def _worker_stats(handle: WorkerHandle, released: int) -> WorkerStats:
         held_slots=handle.held - released,
         queued=len(handle.inbox),
         slot_bytes=handle.ring.slot_bytes if handle.ring is not None else 0,
+        slots=handle.granted,
         cpu_s=cpu_s,
         busy_s=handle.times[0],
         blocked_s=handle.times[1],

@@ -91,7 +91,9 @@ class Leases:
             base = ring.slot_view(slot)
             record_bytes = Decoder.header(base)[5]
             # When every other slot of this ring is held, copy: otherwise the worker could never write again.
-            ring_full = handle.held >= self.depth - 1
+            # When every other slot the worker may use is held, grant it another, or copy: otherwise it could
+            # never write again.
+            ring_full = handle.held >= handle.granted - 1 and not supervisor.grant(handle)
             copied = ring_full or record_bytes <= copy_below
             if copied:
                 base = readonly_copy(base[:record_bytes])

@@ -68,8 +68,9 @@ class RingSpec:
 
     kind: str  # "posix" or "memfd"
     name: str
-    depth: int
+    depth: int  # slots in the ring
     slot_bytes: int
+    credits: int  # slots the worker may use from the start; the consumer grants the rest when views linger
 
 
 @dataclass(frozen=True)

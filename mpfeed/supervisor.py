@@ -9,6 +9,7 @@ consumer's wait at once.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import time
@@ -18,7 +19,7 @@ from typing import Any
 
 from . import launcher, protocol
 from .channel import Channel
-from .errors import ElementError, SourceError, WorkerDiedError, WorkerError, describe_exit
+from .errors import ElementError, ShmSpaceError, SourceError, WorkerDiedError, WorkerError, describe_exit
 from .process import Process
 from .ring import Ring, check_memory_space, check_shm_space, choose_memory, remove_names, slot_size_for
 
@@ -27,6 +28,7 @@ _TERMINATE_GRACE_S = 1.0  # after SIGTERM, before SIGKILL
 _KILL_WAIT_S = 5.0  # after SIGKILL, for the kernel to end it
 _EXIT_CODE_WAIT_S = 2.0  # for the exit code of a worker whose pipe closed
 _DRAIN_SLICE_S = 0.02
+_SPARE_FACTOR = 2  # a ring has this many times depth slots: the rest is granted when views linger
 # The weight of each task in a worker's smoothed pace: a long memory, so one slow element barely moves it.
 _PACE_WEIGHT = 0.05
 
@@ -68,6 +70,8 @@ class WorkerConfig:
     ring_memory: str = "auto"  # "auto" (posix while /dev/shm has room, else memfd), "posix" or "memfd"
     indexed: bool = False  # a random-access source: workers make the tasks they are sent
     partition: tuple[int, int] = (0, 1)
+    shm_budget: int | None = None  # bytes of ring memory for the whole feeder (None: no limit)
+    max_workers: int | None = None  # the most workers it may have (autotuning): the budget is shared so
 
 
 @dataclass(eq=False)
@@ -90,6 +94,8 @@ class WorkerHandle:
     items: int = 0  # elements delivered over the feeder's life
     bytes: int = 0
     held: int = 0  # slots whose views the user still holds
+    granted: int = 0  # slots of its ring the worker may use (see `Supervisor.grant`)
+    reserve: list = field(default_factory=list)  # the ring's other slots, granted when views linger
     exitcode: int | None = None
     credits: list = field(default_factory=list)  # freed slots not yet sent back
     times: tuple[float, float, float] = (0.0, 0.0, 0.0)  # busy, blocked, idle seconds, as it last said
@@ -111,6 +117,7 @@ class Supervisor:
         self.epoch = 0
         self.run = 0  # the current run (see `mpfeed.protocol`); workers start run 0 by themselves
         self.overflow = 0
+        self.depth_grows = 0  # slots granted beyond depth because views lingered
         self.closed = False
         self.handles: list[WorkerHandle] = []
         self.server: launcher.ForkServer | None = None
@@ -147,7 +154,7 @@ class Supervisor:
                     depth=config.depth,
                     batch_size=config.batch_size,
                     drop_remainder=config.drop_remainder,
-                    ring=None if ring is None else _spec(ring),
+                    ring=None if ring is None else _spec(ring, min(config.depth, ring.depth)),
                     parent_pid=os.getpid(),
                     consumer_pid=os.getpid(),
                     indexed=config.indexed,
@@ -156,11 +163,11 @@ class Supervisor:
             ]
             if self.server is not None:
                 for offset, (process, channel) in enumerate(self.server.fork_all(setups)):
-                    self.handles.append(WorkerHandle(first + offset, process, channel, rings[offset]))
+                    self._adopt(WorkerHandle(first + offset, process, channel, rings[offset]))
             else:
                 for offset, setup in enumerate(setups):
                     spawned, channel = launcher.launch(self._work, self._main_spec, setup)
-                    self.handles.append(WorkerHandle(first + offset, spawned, channel, rings[offset]))
+                    self._adopt(WorkerHandle(first + offset, spawned, channel, rings[offset]))
         finally:
             for ring in rings[len(self.handles) - first :]:
                 if ring is not None:
@@ -169,6 +176,11 @@ class Supervisor:
         if self.run:
             for handle in self.handles[first:]:
                 self._send(handle, protocol.epoch(self.run, self.epoch))
+
+    def _adopt(self, handle: WorkerHandle) -> None:
+        if handle.ring is not None:
+            self._give_ring(handle)
+        self.handles.append(handle)
 
     # -- epochs --------------------------------------------------------------------------------------
 
@@ -327,29 +339,71 @@ class Supervisor:
 
     def _create_ring(self, handle: WorkerHandle, record_bytes: int) -> None:
         handle.ring = self._new_ring(slot_size_for(record_bytes))
-        self._send(handle, protocol.RING + pickle.dumps(_spec(handle.ring)))
+        self._give_ring(handle)
+        self._send(handle, protocol.RING + pickle.dumps(self._spec(handle)))
+
+    def _give_ring(self, handle: WorkerHandle) -> None:
+        """The worker may use ``depth`` slots of its ring (fewer when the budget cut the ring shorter)."""
+        assert handle.ring is not None
+        handle.granted = min(self.config.depth, handle.ring.depth)
+        handle.reserve = list(range(handle.ring.depth - 1, handle.granted - 1, -1))
+
+    def grant(self, handle: WorkerHandle) -> bool:
+        """One more slot for a worker whose views linger (TensorFlow holds them, or the user does), instead
+        of copying records out; False when its ring has none left."""
+        if not handle.reserve:
+            return False
+        handle.granted += 1
+        self._send(handle, protocol.credit([handle.reserve.pop()]))
+        self.depth_grows += 1
+        return True
+
+    def _spec(self, handle: WorkerHandle) -> protocol.RingSpec:
+        ring = handle.ring
+        assert ring is not None
+        return protocol.RingSpec(ring.kind, ring.name, ring.depth, ring.slot_bytes, handle.granted)
 
     def _check_space(self, slot_bytes: int) -> None:
         """Refuse up front when the whole feeder's rings cannot fit where they would go."""
         config = self.config
-        total = config.workers * config.depth * slot_bytes
+        slots = self.ring_slots(slot_bytes)
+        total = config.workers * slots * slot_bytes
         kind = self._memory_for(slot_bytes)
         if kind == "posix":
-            check_shm_space(total, total, config.workers, config.depth, slot_bytes)
-        check_memory_space(total, total, config.workers, config.depth, slot_bytes)
+            check_shm_space(total, total, config.workers, slots, slot_bytes)
+        check_memory_space(total, total, config.workers, slots, slot_bytes)
 
     def _memory_for(self, slot_bytes: int) -> str:
         """The kind of shared memory for every ring of this feeder, decided once."""
         if self.ring_memory is None:
             config = self.config
-            total = config.workers * config.depth * slot_bytes
+            total = config.workers * self.ring_slots(slot_bytes) * slot_bytes
             self.ring_memory = choose_memory(total) if config.ring_memory == "auto" else config.ring_memory
         return self.ring_memory
+
+    def ring_slots(self, slot_bytes: int) -> int:
+        """How many slots a ring of this slot size gets: twice ``depth``, room for views that linger,
+        within each worker's share of the budget; `ShmSpaceError` when not even one slot fits."""
+        config = self.config
+        slots = _SPARE_FACTOR * config.depth
+        if config.shm_budget is not None:
+            share = config.shm_budget // (config.max_workers or config.workers)
+            slots = min(slots, share // slot_bytes)
+            if slots < 1:
+                raise ShmSpaceError(
+                    errno.ENOMEM,
+                    f"the feeder's shm_budget of {config.shm_budget:,} bytes leaves each of its up to "
+                    f"{config.max_workers or config.workers} workers {share:,} bytes, less than one slot of "
+                    f"{slot_bytes:,}: raise shm_budget, or use fewer workers or smaller elements",
+                )
+        return slots
 
     def _new_ring(self, slot_bytes: int) -> Ring:
         memory = self._memory_for(slot_bytes)
         config = self.config
-        return Ring.create(config.depth, slot_bytes, workers=config.workers, memory=memory, owner=self.owner)
+        return Ring.create(
+            self.ring_slots(slot_bytes), slot_bytes, workers=config.workers, memory=memory, owner=self.owner
+        )
 
     # -- failures ------------------------------------------------------------------------------------
 
@@ -474,5 +528,5 @@ class Supervisor:
                 self.server.read()
 
 
-def _spec(ring: Ring) -> protocol.RingSpec:
-    return protocol.RingSpec(ring.kind, ring.name, ring.depth, ring.slot_bytes)
+def _spec(ring: Ring, credits: int) -> protocol.RingSpec:
+    return protocol.RingSpec(ring.kind, ring.name, ring.depth, ring.slot_bytes, credits)

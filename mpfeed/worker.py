@@ -345,5 +345,5 @@ class _Worker:
 
     def _attach(self, spec: protocol.RingSpec) -> None:
         self.ring = Ring.attach(spec.name, spec.depth, spec.slot_bytes)
-        self.free = deque(range(spec.depth))
+        self.free = deque(range(spec.credits))
         self.connection.send_bytes(protocol.ATTACHED)

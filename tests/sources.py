@@ -368,3 +368,16 @@ class Waits:
     def __getitem__(self, index):
         time.sleep(self.seconds)
         return np.full(4, index, dtype=np.int64), index
+
+
+class Arrays:
+    """A random-access source of ``n`` float32 arrays of ``megabytes`` MiB, each full of its index."""
+
+    def __init__(self, n, megabytes):
+        self.n, self.size = n, megabytes << 18
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        return np.full(self.size, index, dtype=np.float32)

@@ -1,5 +1,5 @@
-"""workers="auto" for real: an I/O-bound source grows its workers, a slow consumer shrinks them, the data never
-changes, and adjusting survives closing and a worker's death. Behaviour only; speed is make bench's."""
+"""workers="auto" for real: an I/O-bound source grows its workers, a slow consumer shrinks them, the data
+never changes, and adjusting survives closing and a worker's death. Behaviour only; speed is make bench's."""
 
 from __future__ import annotations
 

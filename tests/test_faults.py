@@ -278,7 +278,13 @@ def test_rings_too_big_for_dev_shm_or_memory_are_refused_before_any_worker_start
     slot_bytes = max(free, psutil.virtual_memory().total)  # 2 workers x depth 2: four times too much
     with pytest.raises(mpfeed.ShmSpaceError) as caught:
         mpfeed.Feeder(
-            sources.numbered, args=(4,), workers=2, depth=2, slot_bytes=slot_bytes, ring_memory=ring_memory
+            sources.numbered,
+            args=(4,),
+            workers=2,
+            depth=1,  # rings of 2 slots: room for views that linger
+            slot_bytes=slot_bytes,
+            ring_memory=ring_memory,
+            shm_budget=1 << 60,
         )
     message = str(caught.value)
     assert fix in message and "fewer workers" in message and "slot_bytes" in message

@@ -218,7 +218,9 @@ def test_stats_count_what_was_delivered():
     assert stats.bytes == 30 * (64 * 8 + 8)
     assert [w.items for w in stats.workers] == [10, 10, 10]
     assert all(w.alive and w.pid > 0 and w.rss_bytes > 0 and w.cpu_s >= 0 for w in stats.workers)
-    assert stats.shm_bytes == sum(w.slot_bytes for w in stats.workers) * 4 > 0
+    # Each ring has room for twice depth: the slots beyond depth wait for views that linger.
+    assert stats.shm_bytes == sum(w.slot_bytes for w in stats.workers) * 8 > 0
+    assert all(w.slots == 4 for w in stats.workers) and stats.shm_bytes <= stats.shm_budget
     assert stats.wait_s >= 0 and stats.items_per_s > 0
     with pytest.raises(AttributeError):
         stats.items = 0  # frozen
@@ -294,3 +296,16 @@ def _assert_same(want, have):
         assert want.dtype == have.dtype and want == have
     else:
         assert want == have
+
+
+def test_rings_stay_within_the_budget_and_a_budget_too_small_for_a_slot_is_refused():
+    slot = 4096
+    with mpfeed.Feeder(sources.pairs, args=(300,), workers=3, depth=4, shm_budget=3 * 3 * slot) as feeder:
+        held = list(feeder)  # everything held: only copies can go on once the budget's slots are out
+        stats = feeder.stats()
+    assert [int(label) for _, label in held] == list(range(300))
+    assert stats.shm_bytes <= stats.shm_budget == 9 * slot
+    assert stats.copies > 0
+    with pytest.raises(mpfeed.ShmSpaceError, match="shm_budget of 1,000 bytes"):
+        mpfeed.Feeder(sources.pairs, args=(3,), workers=2, slot_bytes=4096, shm_budget=1000)
+    assert not psutil.Process().children()

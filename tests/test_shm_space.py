@@ -25,9 +25,9 @@ SCRIPT = textwrap.dedent(
             return {"error": str(error), "children": len(psutil.Process().children())}
 
     results = {
-        "explicit": outcome(workers=4, depth=4, slot_bytes=9 << 20, ring_memory="posix"),
+        "explicit": outcome(workers=4, depth=4, slot_bytes=9 << 20, ring_memory="posix"),  # 8 slots a ring
         "sized_from_first_element": outcome(workers=4, depth=4, ring_memory="posix"),
-        "fits": outcome(workers=2, depth=1),
+        "fits": outcome(workers=1, depth=1),  # one ring of 2 slots of 10 MiB
         "auto_explicit": outcome(workers=4, depth=4, slot_bytes=9 << 20),
         "auto_sized": outcome(workers=4, depth=4),
         "left_in_dev_shm": os.listdir("/dev/shm"),
@@ -49,7 +49,7 @@ def test_a_32_mib_dev_shm_refuses_posix_rings_clearly_and_moves_the_rest_to_memf
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout)
     explicit = results["explicit"]
-    assert "needs 150,994,944 bytes" in explicit["error"] and "are free" in explicit["error"]
+    assert "needs 301,989,888 bytes" in explicit["error"] and "are free" in explicit["error"]
     assert "--shm-size" in explicit["error"]
     assert explicit["children"] == 0, "refused before any worker started"
     sized = results["sized_from_first_element"]

@@ -232,3 +232,24 @@ def test_import_mpfeed_does_not_import_tensorflow():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert result.stdout.strip() == "light", result.stderr
+
+
+@pytest.mark.parametrize("room_for_lingering_views", [True, False])
+def test_large_elements_consumed_in_a_graph_need_no_ring_full_copies_with_default_options(
+    room_for_lingering_views,
+):
+    """TensorFlow holds aliased 8 MiB arrays past the generator call (and prefetch holds more): with the
+    default options the ring grants slots beyond depth instead of copying. A budget of exactly depth slots
+    shows the copies they avoid."""
+    n, slot = 120, 8 << 20
+    budget = None if room_for_lingering_views else 2 * 4 * (slot + (64 << 10))
+    with mpfeed.Feeder(sources.Arrays(n, 8), workers=2, shm_budget=budget) as feeder:
+        ds = feeder.dataset().prefetch(tf.data.AUTOTUNE)
+        total = ds.reduce(tf.constant(0.0), lambda acc, x: acc + x[0])
+        stats = feeder.stats()
+    assert float(total) == sum(range(n))
+    if room_for_lingering_views:
+        assert stats.copies == 0 and stats.depth_grows > 0
+    else:
+        assert stats.copies > 0 and stats.depth_grows == 0
+    assert stats.shm_bytes <= stats.shm_budget
