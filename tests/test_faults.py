@@ -499,3 +499,16 @@ def test_a_script_without_the_main_guard_gets_told_to_add_it(tmp_path, start_met
         in result.stdout
     )
     assert 'under `if __name__ == "__main__":`' in result.stdout
+
+
+def test_a_fault_in_mpfeeds_own_worker_code_is_not_blamed_on_the_source(start_method):
+    import steals_ring_names
+
+    with mpfeed.Feeder(
+        steals_ring_names.source, workers=1, slot_bytes=4096, ring_memory="posix", start_method=start_method
+    ) as feeder:
+        with pytest.raises(mpfeed.WorkerError) as caught:
+            list(feeder)
+    error = caught.value
+    assert not isinstance(error, mpfeed.SourceError)
+    assert "failed in mpfeed's own worker code, not in your source: FileNotFoundError" in str(error)
