@@ -22,7 +22,7 @@ the window shows in the table. Repetitions are interleaved (`harness.run_schedul
 medians with the min-max spread, the ratio of medians against the reference row, and the per-repetition
 ratios (each auto run against the reference run of the same repetition) as its spread.
 
-    python scripts/autotune_bench.py            # ~5 minutes on 2 cores
+    python scripts/autotune_bench.py            # ~4 minutes on 2 cores (84 s a repetition)
     python scripts/autotune_bench.py --quick    # smoke run: 1 repetition, short windows, 4 s cap
     python scripts/bench.py --workloads autotune   # the same, from make bench
 
@@ -244,7 +244,7 @@ def summarize(groups: list[str], results: dict, cores: int) -> dict:
 def table(summary: dict) -> str:
     header = (
         f"{'group':<15} {'row':<9} {'elem/s':>7} {'min-max':>13} {'vs ref':>7} {'min-max':>9} "
-        f"{'settle s':>8} {'min-max':>10} {'active':>9} {'max':>3} {'changes':>8} {'window':>18} "
+        f"{'settle s':>8} {'min-max':>10} {'active':>9} {'max':>3} {'changes':>8} {'window':>23} "
         f"{'start s':>7} {'first s':>7}"
     )
     lines = [header, "-" * len(header)]
@@ -266,10 +266,10 @@ def table(summary: dict) -> str:
                     f"{settle['min']:>4.1f}-{settle['max']:<5.1f} "
                     f"{'/'.join(map(str, row['final_workers'])):>9} {max(row['max_workers_seen']):>3} "
                     f"{'/'.join(map(str, row['changes'])):>8} "
-                    f"{'/'.join(row['window_opened_by']):>18}"
+                    f"{'/'.join(row['window_opened_by']):>23}"
                 )
             else:
-                text += f" {'':>7} {'':>9} {'':>8} {'':>10} {'':>9} {'':>3} {'':>8} {'':>18}"
+                text += f" {'':>7} {'':>9} {'':>8} {'':>10} {'':>9} {'':>3} {'':>8} {'':>23}"
             text += f" {row['startup_s']:>7.2f} {row['first_s']:>7.2f}"
             if "errors" in row:
                 text += f"  ({len(row['errors'])} failed)"
@@ -305,6 +305,7 @@ def plot(summary: dict, results: dict, path: str, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     count = len(summary)
     figure, axes = plt.subplots(2, count, figsize=(5.0 * count, 6.6), squeeze=False)
@@ -332,6 +333,8 @@ def plot(summary: dict, results: dict, path: str, title: str) -> None:
             ax.axvline(run["window_opened_s"], color="tab:gray", linestyle=":", linewidth=0.8)
         ax.set_xlabel("seconds since the feeder started (dotted: window opens)", fontsize=8)
         ax.set_ylabel("active workers (auto)", fontsize=8)
+        ax.set_ylim(bottom=0)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
     figure.suptitle(title, fontsize=10)
@@ -410,6 +413,11 @@ def main(argv: list[str] | None = None) -> None:
         "repetition); settle s: the last change's at_s; active: the final count per repetition; max: the "
         "most active workers seen; window: what opened it per repetition"
     )
+    if args.quick:
+        print(
+            f"# --quick: a smoke run; auto rows get {auto_timing.cap_s} s, not 20, to settle, so the targets "
+            "below say nothing about the policy"
+        )
     print(table(summary))
     print()
     print(describe_changes(results))
