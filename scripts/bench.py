@@ -8,8 +8,8 @@ steady-state rate (the elements that arrive after a warm-up, over a fixed time).
 interleaved: every repetition runs every row once, in an order rotated between repetitions, and the report
 gives the median with the min-max spread.
 
-    python scripts/bench.py                      # full run, ~9 minutes on 2 cores (~10 with the peers)
-    python scripts/bench.py --quick              # smoke run, under 2 minutes with the peers
+    python scripts/bench.py                      # full run, ~13 minutes on 2 cores (~14 with the peers)
+    python scripts/bench.py --quick              # smoke run, about 2 minutes with the peers
     python scripts/bench.py --workloads io,tiny --contenders from_generator,mpfeed --reps 5
     python scripts/bench.py --workloads straggler   # uneven costs, ordered and first-ready
     python scripts/bench.py --workloads autotune    # workers="auto" against fixed worker counts
