@@ -8,10 +8,11 @@ steady-state rate (the elements that arrive after a warm-up, over a fixed time).
 interleaved: every repetition runs every row once, in an order rotated between repetitions, and the report
 gives the median with the min-max spread.
 
-    python scripts/bench.py                      # full run, ~9 minutes on 2 cores (~10 with the peers)
-    python scripts/bench.py --quick              # smoke run, under 2 minutes with the peers
+    python scripts/bench.py                      # full run, ~13 minutes on 2 cores (~14 with the peers)
+    python scripts/bench.py --quick              # smoke run, about 2 minutes with the peers
     python scripts/bench.py --workloads io,tiny --contenders from_generator,mpfeed --reps 5
     python scripts/bench.py --workloads straggler   # uneven costs, ordered and first-ready
+    python scripts/bench.py --workloads autotune    # workers="auto" against fixed worker counts
 
 The optional peers `torch-dataloader` and `grain` run when their packages are installed (`make
 bench-peers`). `mp-pool`, `keras-pydataset` and `torch-dataloader` start their processes the way their
@@ -22,6 +23,8 @@ Output: progress on stderr, a table on stdout, JSON and a PNG plot under ``bench
 
 `straggler` has rows of its own (random-access and generator sources, ordered and first-ready, no
 TensorFlow): it runs first, as `straggler.py` in a process of its own, and prints its own table.
+`autotune` (``workers="auto"`` against fixed worker counts, no TensorFlow either) runs next, the same way,
+as `autotune_bench.py`.
 
 This file only reads the command line. The parts: `workloads.py` (what one element costs),
 `contenders.py` (what builds each row; the only part that imports TensorFlow), `limits.py` (what this
@@ -43,6 +46,8 @@ from harness import Plan, Timing, run, usable_cores  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
 STRAGGLER = "straggler"  # the workload that `straggler.py` runs
+AUTOTUNE = "autotune"  # the workload that `autotune_bench.py` runs
+DEDICATED = (STRAGGLER, AUTOTUNE)  # workloads with runners of their own, not contenders x workloads
 
 if __name__ != "__mp_main__":
     # A spawned process (Grain's workers) imports the main script again, as __mp_main__; those workers
@@ -54,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short windows and fewer repetitions")
     parser.add_argument(
-        "--workloads", default=",".join([*WORKLOADS, STRAGGLER]), help="comma-separated (default: all)"
+        "--workloads", default=",".join([*WORKLOADS, *DEDICATED]), help="comma-separated (default: all)"
     )
     parser.add_argument("--contenders", default=None, help="comma-separated (default: all available)")
     parser.add_argument(
@@ -69,16 +74,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def workload_names(args: argparse.Namespace) -> list[str]:
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
-    unknown = [n for n in names if n not in WORKLOADS and n != STRAGGLER]
+    unknown = [n for n in names if n not in WORKLOADS and n not in DEDICATED]
     if unknown:
-        raise SystemExit(f"unknown workloads {unknown}; choose from {[*WORKLOADS, STRAGGLER]}")
+        raise SystemExit(f"unknown workloads {unknown}; choose from {[*WORKLOADS, *DEDICATED]}")
     return names
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
     from contenders import CONTENDERS, PEERS, available_contenders
 
-    names = [n for n in workload_names(args) if n != STRAGGLER]
+    names = [n for n in workload_names(args) if n not in DEDICATED]
     contenders = available_contenders()
     if args.contenders:
         wanted = [n.strip() for n in args.contenders.split(",") if n.strip()]
@@ -112,12 +117,28 @@ def run_straggler(args: argparse.Namespace) -> None:
     subprocess.run(command, check=True)
 
 
+def run_autotune(args: argparse.Namespace) -> None:
+    """`autotune_bench.py` in a process of its own, as `run_straggler`. Its rows are all mpfeed, at the
+    worker counts it compares (``--workers`` does not apply); ``--contenders`` without mpfeed skips it."""
+    command = [sys.executable, str(Path(__file__).with_name("autotune_bench.py"))]
+    if args.reps:
+        command += ["--reps", str(args.reps)]
+    if args.quick:
+        command.append("--quick")
+    if args.contenders and "mpfeed" not in [n.strip() for n in args.contenders.split(",")]:
+        print(f"# autotune: none of {args.contenders} runs it; skipped", file=sys.stderr)
+        return
+    subprocess.run(command, check=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     names = workload_names(args)
-    plan = make_plan(args) if set(names) - {STRAGGLER} else None  # checks --contenders before any run
+    plan = make_plan(args) if set(names) - set(DEDICATED) else None  # checks --contenders before any run
     if STRAGGLER in names:
         run_straggler(args)
+    if AUTOTUNE in names:
+        run_autotune(args)
     if plan is None:
         return
     info = machine()

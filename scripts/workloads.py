@@ -195,6 +195,51 @@ class StragglerItems:
         return straggler_item(self.pattern, index, slow=self.pattern == "half-speed" and first == 0)
 
 
+# -- autotune: random-access forms of io and python, and a cheap source for a slow consumer ----------------
+
+# Elements in one pass: far more than an autotune row takes (io reaches about 3,000/s for about 25 s), yet
+# not ENDLESS, for the same reason as STRAGGLER_LENGTH: a random-access epoch's order is built up front.
+AUTOTUNE_LENGTH = 10**6
+CHEAP_COST_S = 0.001  # `consumer-bound`: what one element costs a worker
+
+
+def cheap_item(i: int) -> tuple[np.ndarray, np.int64]:
+    """1 ms of CPU work (a busy loop that holds the GIL), then io's element: a source far cheaper than
+    the consumer that takes it."""
+    deadline = time.perf_counter() + CHEAP_COST_S
+    while time.perf_counter() < deadline:
+        pass
+    return _image(i), np.int64(i)
+
+
+AUTOTUNE_ITEMS: dict[str, Callable[[int], Any]] = {
+    "io": io_item,
+    "python": python_item,
+    "consumer-bound": cheap_item,
+}
+
+
+class AutotuneItems:
+    """Random access (``len`` and ``[i]``) to one of `AUTOTUNE_ITEMS`: what ``workers="auto"`` needs, as
+    it adjusts only random-access sources. Defined here so that workers unpickle it without importing the
+    benchmark script."""
+
+    def __init__(self, name: str, length: int = AUTOTUNE_LENGTH) -> None:
+        if name not in AUTOTUNE_ITEMS:
+            raise ValueError(f"unknown autotune source {name!r}; choose from {list(AUTOTUNE_ITEMS)}")
+        self.name = name
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.int64]:
+        index = int(index)
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        return AUTOTUNE_ITEMS[self.name](index)
+
+
 # -- the mpfeed source: this shard's items, in the signature mpfeed calls ---------------------------------
 
 
