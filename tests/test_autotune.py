@@ -96,3 +96,14 @@ def test_max_workers_needs_auto():
         mpfeed.Feeder(sources.Numbers(4), workers=2, max_workers=4)
     with pytest.raises(ValueError, match="workers must be"):
         mpfeed.Feeder(sources.Numbers(4), workers="many")
+
+
+def test_growing_never_takes_the_rings_past_the_budget():
+    budget = 8 * 3 * 4096  # 8 workers at most, 3 one-page slots each (a record of Waits is tiny)
+    with mpfeed.Feeder(
+        sources.Waits(10**6, 0.01), workers="auto", max_workers=8, shm_budget=budget
+    ) as feeder:
+        _iterate_for(feeder, 8)
+        stats = feeder.stats()
+    assert stats.active_workers > 2 and len(stats.workers) > 2
+    assert 0 < stats.shm_bytes <= stats.shm_budget == budget
