@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
-import json
 import os
 import statistics
 import sys
@@ -44,7 +42,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from harness import Pipeline, Timing, measure, run_schedule, touch, usable_cores
-from report import RESULTS_DIR, machine, warn_if_engine_changed
+from report import machine, warn_if_engine_changed, write_results
 from workloads import CHEAP_COST_S, IO_SLEEP_S, AutotuneItems
 
 import mpfeed
@@ -377,11 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     info["load_after"] = os.getloadavg()
     summary = summarize(groups, results, cores)
 
-    RESULTS_DIR.mkdir(exist_ok=True)
-    base = RESULTS_DIR / f"autotune-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     document = {
         "machine": info,
-        "command": " ".join(sys.argv),
         "options": vars(args),
         "timing": vars(timing),
         "auto_timing": vars(auto_timing),
@@ -389,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         "summary": summary,
         "raw": results,
     }
-    base.with_suffix(".json").write_text(json.dumps(document, indent=1, default=str))
+    base = write_results("autotune", document)
     title = f"mpfeed workers='auto': {info['cpu_model']}, {cores} cores"
     plot(summary, results, str(base.with_suffix(".png")), title)
 

@@ -14,8 +14,10 @@ import platform
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from harness import Plan, usable_cores
@@ -224,19 +226,25 @@ def plot(summary: dict, path: Path, title: str) -> None:
     plt.close(figure)
 
 
-def save(plan: Plan, summary: dict, info: dict, args: argparse.Namespace, prefix: str = "bench") -> Path:
+def write_results(prefix: str, document: dict, default: Callable[[Any], Any] = str) -> Path:
+    """Write a run's JSON under bench-results/ as ``<prefix>-<date>-<time>.json``, with the command that
+    made it; returns the path without its suffix, for the plot beside it."""
     RESULTS_DIR.mkdir(exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = RESULTS_DIR / f"{prefix}-{stamp}"
+    base = RESULTS_DIR / f"{prefix}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    document = {"command": " ".join(sys.argv), **document}
+    base.with_suffix(".json").write_text(json.dumps(document, indent=1, default=default))
+    return base
+
+
+def save(plan: Plan, summary: dict, info: dict, args: argparse.Namespace, prefix: str = "bench") -> Path:
     document = {
         "machine": info,
-        "command": " ".join(sys.argv),
         "options": vars(args),
         "timing": vars(plan.timing),
         "summary": summary,
         "raw": plan.results,
     }
-    base.with_suffix(".json").write_text(json.dumps(document, indent=1, default=str))
+    base = write_results(prefix, document)
     title = f"mpfeed bench: {info['cpu_model']}, {info['usable_cores']} cores, TF {info['tensorflow']}"
     plot(summary, base.with_suffix(".png"), title)
     return base

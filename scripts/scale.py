@@ -19,9 +19,7 @@ can keep fed.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import json
 import os
 import statistics
 import sys
@@ -33,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 from harness import Contender, Pipeline, Timing, measure, settle, touch, usable_cores  # noqa: E402
 from limits import one_core  # noqa: E402
-from report import RESULTS_DIR, machine, warn_if_engine_changed  # noqa: E402
+from report import machine, warn_if_engine_changed, write_results  # noqa: E402
 from workloads import ENDLESS, IO_SLEEP_S, WORKLOADS, Workload  # noqa: E402
 
 import mpfeed  # noqa: E402
@@ -384,11 +382,9 @@ def main(argv: list[str] | None = None) -> None:
     warn_if_engine_changed(info)
     summary = summarize_scaling(workloads, raw)
 
-    RESULTS_DIR.mkdir(exist_ok=True)
-    base = RESULTS_DIR / f"scale-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    document = {"machine": info, "command": " ".join(sys.argv), "options": vars(args), "timing": vars(timing)}
+    document = {"machine": info, "options": vars(args), "timing": vars(timing)}
     document.update(scaling=summary, costs=cost, raw=raw)
-    base.with_suffix(".json").write_text(json.dumps(document, indent=1, default=_plain))
+    base = write_results("scale", document, default=_plain)
     plot(summary, base.with_suffix(".png"), f"mpfeed scaling: {info['cpu_model']}, {cores} cores")
 
     print(f"# {info['cpu_model']}, {cores} usable cores, TF {info['tensorflow']}, {info['date']}")

@@ -32,10 +32,8 @@ Output: progress on stderr, the table on stdout, JSON and a PNG plot under ``ben
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import importlib.util
-import json
 import os
 import statistics
 import sys
@@ -46,7 +44,7 @@ from dataclasses import dataclass
 from importlib import metadata
 
 from harness import Pipeline, Timing, measure, run_schedule
-from report import RESULTS_DIR, machine, warn_if_engine_changed
+from report import machine, warn_if_engine_changed, write_results
 from workloads import (
     NO_WAIT,
     STRAGGLER_LENGTH,
@@ -336,18 +334,15 @@ def main(argv: list[str] | None = None) -> None:
     info["load_after"] = os.getloadavg()
     summary = summarize(plan, results, args.workers)
 
-    RESULTS_DIR.mkdir(exist_ok=True)
-    base = RESULTS_DIR / f"straggler-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     document = {
         "machine": info,
-        "command": " ".join(sys.argv),
         "options": vars(args),
         "timing": vars(timing),
         "rep_s": durations,
         "summary": summary,
         "raw": results,
     }
-    base.with_suffix(".json").write_text(json.dumps(document, indent=1, default=str))
+    base = write_results("straggler", document)
     title = f"mpfeed straggler: {info['cpu_model']}, {info['usable_cores']} cores, {args.workers} workers"
     plot(summary, str(base.with_suffix(".png")), title)
 
