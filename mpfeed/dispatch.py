@@ -94,7 +94,7 @@ class Dispatcher:
         handles = [h for h in supervisor.handles[: self.active] if not h.gone]
         while self.next_task < self.count and handles:
             if self.ordered:
-                handle = self._fastest_with_room(handles)
+                handle = self._fastest_with_room(supervisor, handles)
                 if handle is None:
                     return
             else:
@@ -108,18 +108,24 @@ class Dispatcher:
             while self.next_task in self.base_done:
                 self.next_task += 1
 
-    def _fastest_with_room(self, handles: list[WorkerHandle]) -> WorkerHandle | None:
-        """The worker with room expected to finish a new task first, by its pace; None to wait, when none
-        has room or a much faster one's ring is full of records that wait for the head."""
+    def _fastest_with_room(self, supervisor: Supervisor, handles: list[WorkerHandle]) -> WorkerHandle | None:
+        """The worker expected to finish a new task first, by its pace. When its ring is full of records
+        that wait for the head of the line, the reorder window grows into the ring's spare slots; once
+        those are gone, the task waits for it, unless another worker with room is about as fast."""
         paces = [h.service_s for h in handles if h.service_s is not None]
         usual = sum(paces) / len(paces) if paces else 1.0
         finish = {h.index: (h.pending_tasks + 1) * (h.service_s or usual) for h in handles}
         free = [h for h in handles if h.pending_tasks < self.lookahead]
+        if not free:
+            return None
+        fastest = min(free, key=lambda h: finish[h.index])
+        if _load(fastest) < _room(fastest, self.depth) or (fastest.granted and supervisor.grant(fastest)):
+            return fastest
         ready = [h for h in free if _load(h) < _room(h, self.depth)]
         if not ready:
             return None
         best = min(ready, key=lambda h: finish[h.index])
-        if finish[best.index] > _MUCH_LATER * min(finish[h.index] for h in free):
+        if finish[best.index] > _MUCH_LATER * finish[fastest.index]:
             return None
         return best
 

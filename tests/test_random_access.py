@@ -79,7 +79,7 @@ def test_element_rng_depends_on_seed_epoch_and_index_not_on_the_worker():
 
 def test_a_slow_element_holds_up_only_what_is_queued_behind_it():
     """Element 3 takes 3 s; the others 2 ms each over 4 workers. First-ready delivers nearly everything
-    while it waits; ordered delivery waits, with every ring as its window and no more."""
+    while it waits; ordered delivery waits, with every ring (spare slots too) as its window, no more."""
     n = 400
     with mpfeed.Feeder(sources.Slow(n, 3, 3.0), workers=4, ordered=False) as feeder:
         started = time.monotonic()
@@ -94,7 +94,8 @@ def test_a_slow_element_holds_up_only_what_is_queued_behind_it():
             labels.append(int(label))
             most_queued = max(most_queued, *(w.queued for w in feeder.stats().workers))
         assert labels == list(range(n))
-        assert most_queued <= 4 + 1, "memory stays fixed: a worker's records never outgrow its ring"
+        # The window may grow into each ring's spare slots (twice depth), never past them: fixed memory.
+        assert 4 < most_queued <= 2 * 4 + 1, most_queued
 
 
 def _resumed(make, cut, epochs=2, consumed=None):
