@@ -33,10 +33,6 @@ class Channel:
         self._large: bytearray | None = None
         self._large_filled = 0
 
-    @classmethod
-    def of_fd(cls, fd: int) -> Channel:
-        return cls(socket.socket(fileno=fd))
-
     def fileno(self) -> int:
         return self.socket.fileno()
 

@@ -95,7 +95,7 @@ class Consumer:
         self._lock = threading.RLock()
         self.life = _Life()
         self.releases = Releases()
-        self.leases = Leases(self.releases, workers.depth)
+        self.leases = Leases(self.releases)
         self._waiters = threading.local()  # each thread that waits keeps its own poll object
         self._shutdown_thread: threading.Thread | None = None
         self.epoch = 0

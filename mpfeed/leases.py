@@ -72,9 +72,8 @@ class Releases:
 class Leases:
     """The slots whose views are out, and the decoding that hands a record out as views or as a copy."""
 
-    def __init__(self, releases: Releases, depth: int) -> None:
+    def __init__(self, releases: Releases) -> None:
         self.releases = releases
-        self.depth = depth
         self.decoder = Decoder()
         self.copies = 0  # records copied because the user held all the other slots of their ring
         self._leases: dict[tuple[int, int], weakref.ref] = {}

@@ -147,10 +147,6 @@ def _stand_in(name: str) -> type:
     return stand_in
 
 
-def is_stand_in(value: Any) -> bool:
-    return isinstance(value, _Refusals)
-
-
 class _TensorFlowGuard(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Answers imports of TensorFlow and Keras (and their submodules) with `_InertModule`s."""
 
