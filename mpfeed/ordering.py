@@ -11,6 +11,9 @@ element), only a failure that stands in the way of an element is raised.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from .dispatch import Dispatcher
 from .supervisor import End, Record, Supervisor, WorkerHandle
 
@@ -24,6 +27,23 @@ def _head(handle: WorkerHandle):
         inbox.popleft()
         handle.ended = True
     return inbox[0] if inbox else None
+
+
+def _unended_head(handle: WorkerHandle):
+    head = _head(handle)
+    return None if handle.ended else head
+
+
+def _unended(handle: WorkerHandle) -> bool:
+    return not handle.ended
+
+
+def _next_entry(handle: WorkerHandle):
+    return handle.inbox[0] if handle.inbox else None
+
+
+def _has_tasks(handle: WorkerHandle) -> bool:
+    return handle.pending_tasks > 0
 
 
 def _raise_any_failure(supervisor: Supervisor) -> None:
@@ -40,6 +60,43 @@ class _Rotation:
 
     def reset(self) -> None:
         self.cursor = 0
+
+    def _first_ready(
+        self,
+        supervisor: Supervisor,
+        strict: bool,
+        head_of: Callable[[WorkerHandle], Any],
+        may_wait: Callable[[WorkerHandle], bool],
+    ) -> Taken | None:
+        """The first ready record from ``cursor`` on: ``(handle, record)``; else ``(handle, None)`` to wait
+        for any worker that ``may_wait`` for; else None. ``head_of`` gives a worker's next entry (None
+        when it has none to give). A failure in the way is raised at once with ``strict``, otherwise
+        only when no worker has a record or is worth waiting for."""
+        handles = supervisor.handles
+        count = len(handles)
+        waiting_for = failed = None
+        for step in range(count):
+            handle = handles[(self.cursor + step) % count]
+            head = head_of(handle)
+            if head is None:
+                if waiting_for is None and may_wait(handle):
+                    waiting_for = handle
+                continue
+            if type(head) is not Record:
+                if strict:
+                    raise supervisor.error(handle, head)
+                failed = failed or handle
+                continue
+            handle.inbox.popleft()
+            self.cursor = (handle.index + 1) % count
+            return handle, head
+        if waiting_for is not None:
+            if strict:
+                _raise_any_failure(supervisor)
+            return waiting_for, None
+        if failed is not None:
+            raise supervisor.error(failed, failed.inbox[0])
+        return None
 
 
 class RoundRobin(_Rotation):
@@ -70,32 +127,8 @@ class FirstReady(_Rotation):
     """Unordered: the next ready record, looking at the workers round-robin so none is starved."""
 
     def take(self, supervisor: Supervisor, strict: bool = True) -> Taken:
-        handles = supervisor.handles
-        count = len(handles)
-        waiting_for = failed = None
-        for step in range(count):
-            handle = handles[(self.cursor + step) % count]
-            head = _head(handle)
-            if handle.ended:
-                continue
-            if head is None:
-                waiting_for = waiting_for or handle
-                continue
-            if type(head) is not Record:
-                if strict:
-                    raise supervisor.error(handle, head)
-                failed = failed or handle
-                continue
-            handle.inbox.popleft()
-            self.cursor = (handle.index + 1) % count
-            return handle, head
-        if waiting_for is not None:
-            if strict:
-                _raise_any_failure(supervisor)
-            return waiting_for, None
-        if failed is not None:
-            raise supervisor.error(failed, failed.inbox[0])
-        return None, None
+        taken = self._first_ready(supervisor, strict, _unended_head, _unended)
+        return (None, None) if taken is None else taken
 
 
 class Window(_Rotation):
@@ -118,7 +151,7 @@ class Window(_Rotation):
                 _raise_any_failure(supervisor)
                 raise AssertionError("a task was never sent, yet no worker failed")
             handle = handles[worker]
-            head = handle.inbox[0] if handle.inbox else None
+            head = _next_entry(handle)
             if head is None:
                 if strict:
                     _raise_any_failure(supervisor)
@@ -128,28 +161,10 @@ class Window(_Rotation):
             handle.inbox.popleft()
             dispatcher.delivered(head.key)
             return handle, head
-        count = len(handles)
-        waiting_for = failed = None
-        for step in range(count):
-            handle = handles[(self.cursor + step) % count]
-            head = handle.inbox[0] if handle.inbox else None
-            if head is None:
-                waiting_for = waiting_for or (handle if handle.pending_tasks else None)
-                continue
-            if type(head) is not Record:
-                if strict:
-                    raise supervisor.error(handle, head)
-                failed = failed or handle
-                continue
-            handle.inbox.popleft()
-            dispatcher.delivered(head.key)
-            self.cursor = (handle.index + 1) % count
-            return handle, head
-        if waiting_for is not None:
-            if strict:
-                _raise_any_failure(supervisor)
-            return waiting_for, None
-        if failed is not None:
-            raise supervisor.error(failed, failed.inbox[0])
+        taken = self._first_ready(supervisor, strict, _next_entry, _has_tasks)
+        if taken is not None:
+            if taken[1] is not None:
+                dispatcher.delivered(taken[1].key)
+            return taken
         _raise_any_failure(supervisor)
         return handles[0], None  # tasks not yet sent: wait for room
