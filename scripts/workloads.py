@@ -168,7 +168,25 @@ def straggler_shard(pattern: str, n: int, shard: Any) -> Iterator[tuple[np.ndarr
 _FIRST_INDEX: dict[int, int] = {}  # process id -> the first index that process was asked for
 
 
-class StragglerItems:
+class _Items:
+    """Random access (``len`` and ``[i]``) over ``length`` items that `item` makes."""
+
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.int64]:
+        index = int(index)
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        return self.item(index)
+
+    def item(self, index: int) -> tuple[np.ndarray, np.int64]:
+        raise NotImplementedError
+
+
+class StragglerItems(_Items):
     """The random-access source (``len`` and ``[i]``), for mpfeed and PyTorch's DataLoader alike.
 
     With random access a loader may send any index to any worker, so `half-speed`'s slow worker cannot be
@@ -184,13 +202,7 @@ class StragglerItems:
         self.pattern = pattern
         self.length = length
 
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.int64]:
-        index = int(index)
-        if not 0 <= index < self.length:
-            raise IndexError(index)
+    def item(self, index: int) -> tuple[np.ndarray, np.int64]:
         first = _FIRST_INDEX.setdefault(os.getpid(), index)
         return straggler_item(self.pattern, index, slow=self.pattern == "half-speed" and first == 0)
 
@@ -219,7 +231,7 @@ AUTOTUNE_ITEMS: dict[str, Callable[[int], Any]] = {
 }
 
 
-class AutotuneItems:
+class AutotuneItems(_Items):
     """Random access (``len`` and ``[i]``) to one of `AUTOTUNE_ITEMS`: what ``workers="auto"`` needs, as
     it adjusts only random-access sources. Defined here so that workers unpickle it without importing the
     benchmark script."""
@@ -230,13 +242,7 @@ class AutotuneItems:
         self.name = name
         self.length = length
 
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.int64]:
-        index = int(index)
-        if not 0 <= index < self.length:
-            raise IndexError(index)
+    def item(self, index: int) -> tuple[np.ndarray, np.int64]:
         return AUTOTUNE_ITEMS[self.name](index)
 
 
