@@ -8,6 +8,7 @@ supervisor creates its ring, the worker only attaches.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -15,6 +16,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Generator, Iterable
 from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
@@ -89,16 +91,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def report_failure(
-    connection: Connection,
-    where: str,
-    error: BaseException,
-    *,
-    element: int | None,
-    epoch: int,
-    position: int | None = None,
-) -> None:
-    """Tell the consumer why this worker is about to exit: the exception as text, frames dropped."""
+def describe_failure(
+    where: str, error: BaseException, *, element: int | None, epoch: int, position: int | None = None
+) -> protocol.Failure:
+    """An exception as the consumer is told of it: text only, frames dropped."""
     kind = type(error)
     qualname = (
         kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
@@ -107,7 +103,7 @@ def report_failure(
         message = str(error)
     except Exception as unprintable:  # an exception whose __str__ itself fails
         message = f"<{kind.__name__}, which could not be printed: {unprintable!r}>"
-    failure = protocol.Failure(
+    return protocol.Failure(
         where=where,
         type=qualname,
         message=message,
@@ -117,10 +113,108 @@ def report_failure(
         exit_code=error.code if isinstance(error, SystemExit) and isinstance(error.code, int) else None,
         position=position,
     )
+
+
+def report_failure(
+    connection: Connection,
+    where: str,
+    error: BaseException,
+    *,
+    element: int | None,
+    epoch: int,
+    position: int | None = None,
+) -> None:
+    """Tell the consumer why this worker is about to exit."""
+    failure = describe_failure(where, error, element=element, epoch=epoch, position=position)
     try:
         connection.send_bytes(protocol.FAILED + pickle.dumps(failure))
     except OSError:
         pass
+
+
+class SourceFailed(Exception):
+    """The user's source raised: ``error`` while making ``element`` (the shard's element for generators,
+    the source's index for random access; ``position`` is then its place in the epoch's order)."""
+
+    def __init__(self, error: BaseException, element: int, position: int | None = None) -> None:
+        self.error = error
+        self.element = element
+        self.position = position
+
+
+class ShardEpoch:
+    """One epoch of a generator source's shard, as the records to send, whatever carries them.
+
+    ``steps()`` yields after every element the source makes: ``(items, key, first, batched)`` when a
+    record is complete, None when not (an element dropped before ``shard.start``, or one of an unfinished
+    batch), so the caller can look for control messages between elements. ``produced`` counts the shard's
+    elements so far. The source's exceptions come out as `SourceFailed`."""
+
+    def __init__(
+        self,
+        source: Any,
+        args: tuple,
+        kwargs: dict,
+        shard: Shard,
+        batch_size: int | None,
+        drop_remainder: bool,
+    ) -> None:
+        random.seed(shard.seed)
+        np.random.seed(shard.seed)
+        self.start = shard.start
+        self.produced = shard.start if getattr(source, "mpfeed_seekable", False) else 0
+        self.batch_size = batch_size
+        self.drop_remainder = drop_remainder
+        try:
+            self.iterator = iter(source(*args, shard=shard, **kwargs))
+        except BaseException as error:
+            raise SourceFailed(error, self.produced) from None
+
+    def steps(self) -> Generator[tuple[list, int, int, bool] | None, None, None]:
+        batch: list = []
+        try:
+            while True:
+                try:
+                    element = next(self.iterator)
+                except StopIteration:
+                    break
+                except BaseException as error:
+                    raise SourceFailed(error, self.produced) from None
+                self.produced += 1
+                produced = self.produced
+                if produced <= self.start:
+                    yield None  # consumed before the resume: dropped, never sent
+                elif self.batch_size is None:
+                    yield [flatten(element)], produced, produced - 1, False
+                else:
+                    batch.append(flatten(element))
+                    if len(batch) == self.batch_size:
+                        items, batch = batch, []
+                        yield items, produced, produced - len(items), True
+                    else:
+                        yield None
+            if batch and not self.drop_remainder:
+                yield batch, self.produced, self.produced - len(batch), True
+        finally:
+            close = getattr(self.iterator, "close", None)
+            if close is not None:
+                close()
+
+
+def task_items(source: Any, seed: int, epoch: int, indices: Iterable[int], first_position: int) -> list:
+    """``source[index]`` for one task's indices, flattened, each made with its element seed set (see
+    `mpfeed.element_rng`). The source's exceptions come out as `SourceFailed`."""
+    items = []
+    for offset, index in enumerate(indices):
+        shard._current = (seed, epoch, index)
+        try:
+            element = source[index]
+        except BaseException as error:
+            raise SourceFailed(error, index, first_position + offset) from None
+        finally:
+            shard._current = None
+        items.append(flatten(element))
+    return items
 
 
 class _Worker:
@@ -177,47 +271,24 @@ class _Worker:
     def _run_epoch(self, run: int, epoch: int, start: int) -> None:
         self.run_number, self.epoch = run, epoch
         shard = Shard(self.index, self.count, epoch, shard_seed(self.seed, self.index, epoch), start)
-        random.seed(shard.seed)
-        np.random.seed(shard.seed)
-        seekable = getattr(self.source, "mpfeed_seekable", False)
-        produced = start if seekable else 0  # elements of the shard so far, wanted or not
         try:
-            iterator = iter(self.source(*self.args, shard=shard, **self.kwargs))
-        except BaseException as error:
-            raise self._fail("source", error, produced, epoch) from None
-        try:
-            batch: list = []
+            production = ShardEpoch(
+                self.source, self.args, self.kwargs, shard, self.batch_size, self.drop_remainder
+            )
             next_check = 0.0
-            while True:
-                # Between elements, look for a stop or a new epoch now and then, not every time: a poll
-                # per element costs more than a small element's whole record.
-                now = time.monotonic()
-                if now >= next_check:
-                    self._handle_control(block=False)
-                    next_check = now + _CONTROL_CHECK_S
-                try:
-                    element = next(iterator)
-                except StopIteration:
-                    break
-                except BaseException as error:
-                    raise self._fail("source", error, produced, epoch) from None
-                produced += 1
-                if produced <= start:
-                    continue  # consumed before the resume: dropped, never sent
-                if self.batch_size is None:
-                    self._emit([flatten(element)], produced, produced - 1, batched=False)
-                    continue
-                batch.append(flatten(element))
-                if len(batch) == self.batch_size:
-                    self._emit(batch, produced, produced - len(batch), batched=True)
-                    batch = []
-            if batch and not self.drop_remainder:
-                self._emit(batch, produced, produced - len(batch), batched=True)
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
-        self.connection.send_bytes(protocol.end(run, produced))
+            with contextlib.closing(production.steps()) as steps:
+                for step in steps:
+                    # Between elements, look for a stop or a new epoch now and then, not every time: a
+                    # poll per element costs more than a small element's whole record.
+                    now = time.monotonic()
+                    if now >= next_check:
+                        self._handle_control(block=False)
+                        next_check = now + _CONTROL_CHECK_S
+                    if step is not None:
+                        self._emit(*step)
+        except SourceFailed as failed:
+            raise self._fail("source", failed.error, failed.element, epoch) from None
+        self.connection.send_bytes(protocol.end(run, production.produced))
 
     # -- a random-access source: the tasks the consumer sends ------------------------------------------
 
@@ -232,17 +303,11 @@ class _Worker:
             if not self.tasks:
                 self._wait_until(lambda: bool(self.tasks), blocked=False)
             seq, indices = self.tasks.popleft()
-            epoch, items = self.epoch, []
-            for offset, index in enumerate(indices):
-                shard._current = (self.seed, epoch, index)
-                try:
-                    element = self.source[index]
-                except BaseException as error:
-                    position = seq * (self.batch_size or 1) + offset
-                    raise self._fail("source", error, index, epoch, position) from None
-                finally:
-                    shard._current = None
-                items.append(flatten(element))
+            epoch = self.epoch
+            try:
+                items = task_items(self.source, self.seed, epoch, indices, seq * (self.batch_size or 1))
+            except SourceFailed as failed:
+                raise self._fail("source", failed.error, failed.element, epoch, failed.position) from None
             self._emit(items, seq, seq, batched)
 
     def _emit(self, items: list, key: int, first: int, batched: bool) -> None:
