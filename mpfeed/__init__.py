@@ -39,6 +39,7 @@ from .shard import Shard, element_rng, element_seed, seekable
 
 if TYPE_CHECKING:
     from .feeder import Feeder, FeederStats, WorkerStats
+    from .ray_backend import RayBackend
     from .tf import from_generator
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "Feeder",
     "FeederStats",
     "MpfeedError",
+    "RayBackend",
     "Shard",
     "ShmSpaceError",
     "SourceError",
@@ -70,6 +72,7 @@ _CONSUMER_SIDE = {
     "FeederStats": "feeder",
     "WorkerStats": "feeder",
     "from_generator": "tf",
+    "RayBackend": "ray_backend",
 }
 
 

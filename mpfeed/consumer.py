@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .autotune import Autotuner
 from .diagnosis import CallClock
@@ -28,11 +28,15 @@ from .ordering import FirstReady, RoundRobin, Window
 from .state import FORMAT, check_state
 from .supervisor import Record, Supervisor, WorkerConfig, WorkerHandle
 
+if TYPE_CHECKING:
+    from .ray_backend import RayBackend
+
 _WAIT_SLICE_S = 1.0  # longest single wait before re-checking liveness, closing and timeouts
 # Tasks a worker of a random-access source may hold unanswered: first-ready, a ring's worth; ordered, two,
 # since a worker stuck on a slow element holds what is queued behind it and the order soon needs that
 # (measured with scripts/straggler.py: lognormal costs at depth 8 went from 60% of ideal to 72%).
 _ORDERED_LOOKAHEAD = 2
+_REMOTE_WAIT_SLICE_S = 0.1  # remote workers are waited for in slices, since close() cannot wake that wait
 _LOCK_WAIT_S = 10.0  # for the thread taking an element to let go (it does within a wait slice)
 _SHUTDOWN_JOIN_S = 15.0  # for a background shutdown to finish its grace periods
 EPOCH_END = object()
@@ -61,8 +65,10 @@ class Consumer:
         length: int | None,
         shuffle: bool,
         autotune: tuple[int, int] | None = None,
+        backend: RayBackend | None = None,
     ) -> None:
-        """``autotune``: ``(usable cores, max_workers)`` to adjust the workers of a random-access source."""
+        """``autotune``: ``(usable cores, max_workers)`` to adjust the workers of a random-access source;
+        ``backend``: where the workers run (None: local processes)."""
         self.depth = workers.depth
         self.dispatcher: Dispatcher | None = None
         self._ordering: RoundRobin | FirstReady | Window
@@ -71,7 +77,8 @@ class Consumer:
             order = EpochOrder(
                 length, workers.seed, shuffle, workers.partition, workers.batch_size, workers.drop_remainder
             )
-            lookahead = _ORDERED_LOOKAHEAD if ordered else workers.depth
+            # A remote worker's answer takes a round trip: it gets as many tasks ahead as it has room for.
+            lookahead = _ORDERED_LOOKAHEAD if ordered and backend is None else workers.depth
             self.dispatcher = Dispatcher(order, workers.depth, lookahead=lookahead, ordered=ordered)
             self._ordering = Window(self.dispatcher, ordered)
         else:
@@ -106,7 +113,12 @@ class Consumer:
         self.head_of_line_s = 0.0  # ordered: waiting for the next element while others were ready
         self.clock = CallClock()
         try:
-            self.supervisor = Supervisor(source, args, kwargs, workers)
+            if backend is None:
+                self.supervisor = Supervisor(source, args, kwargs, workers)
+            else:
+                from .ray_backend import RaySupervisor
+
+                self.supervisor = RaySupervisor(source, args, kwargs, workers, backend)
         except BaseException:
             self.releases.close()
             raise
@@ -347,6 +359,8 @@ class Consumer:
         try:
             if releases.slots or self.life.closed:  # a release came before (or instead of) its wake-up
                 return True
+            if self.supervisor.remote:
+                return self.supervisor.wait(min(seconds, _REMOTE_WAIT_SLICE_S))
             ready = waiter.poll.poll(max(0, int(seconds * 1000 + 0.999)))
             if ready:
                 releases.clear_wakeups()

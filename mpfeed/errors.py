@@ -35,8 +35,9 @@ class WorkerError(MpfeedError, RuntimeError):
     """A worker process failed; the message names the worker, its pid, the element and the cause.
 
     Attributes: ``worker`` (shard index; None for the fork server), ``pid``, ``element`` (index of the
-    element within the worker's shard that it was producing, or None), ``epoch``, and
-    ``remote_traceback`` (text, or None).
+    element within the worker's shard that it was producing, or None), ``epoch``,
+    ``remote_traceback`` (text, or None), and ``node`` (the Ray node a remote worker ran on; None for
+    local processes).
     """
 
     def __init__(
@@ -48,10 +49,12 @@ class WorkerError(MpfeedError, RuntimeError):
         element: int | None = None,
         epoch: int | None = None,
         remote_traceback: str | None = None,
+        node: str | None = None,
     ) -> None:
         super().__init__(message)
         self.worker = worker
         self.pid = pid
+        self.node = node
         self.element = element
         self.epoch = epoch
         self.remote_traceback = remote_traceback

@@ -12,7 +12,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -22,6 +22,9 @@ from .consumer import EPOCH_END, Consumer
 from .diagnosis import Picture, verdict
 from .layout import align
 from .supervisor import Supervisor, WorkerConfig, WorkerHandle
+
+if TYPE_CHECKING:
+    from .ray_backend import RayBackend
 
 DEFAULT_START_METHOD = "forkserver"
 _AUTO_MAX_WORKERS = 32
@@ -59,6 +62,8 @@ class WorkerStats:
     """Seconds it waited for work: a task, or the next epoch."""
     rss_bytes: int
     """The worker's resident memory."""
+    node: str | None = None
+    """Where the worker runs: the address of its Ray node; None for a local process."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,11 @@ class Feeder:
             soon as each worker has attached), "memfd" (anonymous memory, limited only by RAM and the
             cgroup: a container's small /dev/shm does not matter), or "auto" (the default: posix while
             /dev/shm has room for every ring, else memfd).
+        backend: where the workers run: None for local processes, or `mpfeed.RayBackend(...)` for Ray
+            actors on a cluster, each record a Ray object mapped here without a copy. Everything else
+            (order, shuffle, seeds, batches, resume, partitions, errors) is the same; ``workers``
+            defaults to the cluster's CPUs, and the local engine's own options (``start_method``,
+            ``ring_memory``, ``slot_bytes``, ``shm_budget``, ``workers="auto"``) do not apply.
     """
 
     def __init__(
@@ -188,6 +198,7 @@ class Feeder:
         partition: tuple[int, int] | None = None,
         max_workers: int | None = None,
         shm_budget: int | None = None,
+        backend: RayBackend | None = None,
     ) -> None:
         if bootstrap.importing_main:
             raise RuntimeError(
@@ -221,7 +232,9 @@ class Feeder:
             and 0 <= partition[0] < partition[1],
             f"partition must be (index, count) with 0 <= index < count, got {partition!r}",
         )
-        cores = _usable_cpus()
+        if backend is not None:
+            _check_backend(backend, workers, start_method, ring_memory, slot_bytes, shm_budget)
+        cores = _usable_cpus() if backend is None else backend.default_workers()
         autotune = None
         if workers == "auto":
             max_workers = max(_AUTO_MAX_WORKERS, 2 * cores) if max_workers is None else max_workers
@@ -294,6 +307,7 @@ class Feeder:
             length=length if indexed else None,
             shuffle=bool(shuffle),
             autotune=autotune,
+            backend=backend,
         )
 
     # -- public face ---------------------------------------------------------------------------------
@@ -438,8 +452,8 @@ class Feeder:
 
 def _worker_stats(handle: WorkerHandle, released: int) -> WorkerStats:
     alive = not handle.gone
-    cpu_s, rss = 0.0, 0
-    if alive:
+    cpu_s, rss = handle.usage or (0.0, 0)
+    if alive and handle.node is None:
         try:
             process = psutil.Process(handle.pid)
             with process.oneshot():
@@ -463,6 +477,31 @@ def _worker_stats(handle: WorkerHandle, released: int) -> WorkerStats:
         blocked_s=handle.times[1],
         idle_s=handle.times[2],
         rss_bytes=rss,
+        node=handle.node,
+    )
+
+
+def _check_backend(
+    backend: Any, workers: Any, start_method: Any, ring_memory: Any, slot_bytes: Any, shm_budget: Any
+) -> None:
+    """Refuse the local engine's own options with a remote backend, instead of ignoring them."""
+    from .ray_backend import RayBackend
+
+    if not isinstance(backend, RayBackend):
+        raise TypeError(f"backend must be None or a mpfeed.RayBackend, got {type(backend).__name__}")
+    backend.check()
+    local_only = {
+        "start_method": start_method is not None,
+        "ring_memory": ring_memory != "auto",
+        "slot_bytes": slot_bytes is not None,
+        "shm_budget": shm_budget is not None,
+        'workers="auto"': workers == "auto",
+    }
+    given = [name for name, set_ in local_only.items() if set_]
+    _require(
+        not given,
+        f"{', '.join(given)} applies to local worker processes, not to Ray actors (RayBackend): Ray places "
+        "the actors and keeps the records in its object store",
     )
 
 

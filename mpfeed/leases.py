@@ -80,7 +80,11 @@ class Leases:
 
     def open(self, supervisor: Supervisor, handle: WorkerHandle, record: Record, copy_below: int) -> Any:
         """Decode one record into the element the user gets; count it as delivered."""
-        if record.inline is not None:
+        if record.shared is not None:  # a Ray object: its views keep it alive, no slot to give back
+            base = np.frombuffer(memoryview(record.shared).toreadonly(), dtype=np.uint8)
+            element, _, count, nbytes = self.decoder.decode(base)
+            supervisor.release(handle, record)
+        elif record.inline is not None:
             base = readonly_copy(record.inline)
             element, _, count, nbytes = self.decoder.decode(base)
             supervisor.release(handle, record)

@@ -35,11 +35,13 @@ _PACE_WEIGHT = 0.05
 
 @dataclass(slots=True)
 class Record:
-    """Inbox entry: a record of the current run, in a ring slot or carried in the pipe (``inline``)."""
+    """Inbox entry: a record of the current run, in a ring slot, carried in the pipe (``inline``), or in
+    memory that stays valid while referenced (``shared``: a Ray object)."""
 
     key: int  # generator: the shard's elements up to and including this record; random access: its task
     slot: int | None  # the ring slot it holds (an inline record may hold one too, for the credit)
     inline: Any = None  # memoryview of the record's bytes, for a record that came through the pipe
+    shared: Any = None  # a read-only uint8 array holding the record, handed out without a copy
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ class WorkerHandle:
 
     index: int
     process: Process
-    channel: Channel
+    channel: Channel | None  # None for a worker that is not a local process (a Ray actor)
     ring: Ring | None
     # Entries of the current epoch, oldest first; a worker's failure or exit is its last entry, so the
     # consumer meets it exactly where that worker's next element would have been.
@@ -99,6 +101,8 @@ class WorkerHandle:
     exitcode: int | None = None
     credits: list = field(default_factory=list)  # freed slots not yet sent back
     times: tuple[float, float, float] = (0.0, 0.0, 0.0)  # busy, blocked, idle seconds, as it last said
+    node: str | None = None  # where a remote worker runs (a Ray node's address); None: this host
+    usage: tuple[float, int] | None = None  # a remote worker's CPU seconds and resident bytes, as it said
 
     @property
     def pid(self) -> int:
@@ -111,6 +115,8 @@ class WorkerHandle:
 
 
 class Supervisor:
+    remote = False  # local workers are waited for through their pipes (`watched`), remote ones by `wait`
+
     def __init__(self, source: Any, args: tuple, kwargs: dict, config: WorkerConfig) -> None:
         self.config = config
         self._credit_batch = max(1, config.depth // 2)
@@ -235,13 +241,17 @@ class Supervisor:
 
     def _send(self, handle: WorkerHandle, message: bytes) -> None:
         if not handle.gone:
-            handle.channel.send(message)  # a worker that is gone is reported by its pipe and process
+            _channel(handle).send(message)  # a worker that is gone is reported by its pipe and process
 
     # -- watching ------------------------------------------------------------------------------------
 
+    def wait(self, seconds: float) -> bool:
+        """Wait for news from remote workers (see `remote`); local ones are waited for through `watched`."""
+        raise NotImplementedError("local workers are waited for through their pipes")
+
     def watched(self) -> list[int]:
         """The file descriptors whose readiness means news: live workers' pipes and the fork server's."""
-        fds = [h.channel.fileno() for h in self.handles if not h.gone]
+        fds = [_channel(h).fileno() for h in self.handles if not h.gone]
         if self.server is not None and not self.server.gone:
             fds.append(self.server.channel.fileno())
         return fds
@@ -250,11 +260,12 @@ class Supervisor:
         """Take every message that has arrived from a worker; queue its failure or exit when that comes."""
         if handle.gone:
             return
-        for message in handle.channel.receive():
+        channel = _channel(handle)
+        for message in channel.receive():
             self._dispatch(handle, message)
             if handle.gone:
                 return
-        if handle.channel.eof:
+        if channel.eof:
             self.mark_exited(handle)
 
     def read_all(self) -> None:
@@ -325,15 +336,7 @@ class Supervisor:
     def _queue(self, handle: WorkerHandle, run: int, record: Record) -> None:
         """Queue a record of the current run; give back the slot of one from an abandoned run."""
         if run == self.run:
-            handle.inbox.append(record)
-            handle.produced = record.key
-            if handle.pending_tasks:
-                handle.pending_tasks -= 1
-                now = time.monotonic()
-                took = now - handle.busy_since
-                smoothed = handle.service_s
-                handle.service_s = took if smoothed is None else smoothed + _PACE_WEIGHT * (took - smoothed)
-                handle.busy_since = now
+            queue_record(handle, record)
         else:
             self.release(handle, record)
 
@@ -408,53 +411,9 @@ class Supervisor:
     # -- failures ------------------------------------------------------------------------------------
 
     def _failure(self, handle: WorkerHandle, failure: protocol.Failure) -> WorkerError:
-        who = f"worker {handle.index} (pid {handle.pid})"
-        where = f"while producing element {failure.element} of its shard (epoch {failure.epoch})"
-        if self.config.indexed:
-            where = (
-                f"while producing source[{failure.element}] (position {failure.position} of epoch "
-                f"{failure.epoch})"
-            )
-            if failure.type == "IndexError" and failure.where == "source":
-                where += (
-                    ": the source's __getitem__ raised IndexError for an index below its len(), which "
-                    "mpfeed takes as the source's own error (check __len__ and __getitem__ agree)"
-                )
-        details: dict[str, Any] = dict(
-            worker=handle.index, pid=handle.pid, element=failure.element, epoch=failure.epoch
+        return failure_error(
+            failure, handle, f"worker {handle.index} (pid {handle.pid})", self.config.indexed
         )
-        trace = f"\n\nWorker traceback:\n{failure.traceback}"
-        if failure.where == "element":
-            return ElementError(f"{who} produced a bad element {where}: {failure.message}", **details)
-        if failure.type == "SystemExit":
-            died = WorkerDiedError(
-                f"{who} exited with code {failure.exit_code}: the source called "
-                f"sys.exit({failure.exit_code!r}) {where}",
-                **details,
-            )
-            died.exitcode = failure.exit_code
-            return died
-        if failure.where == "start":
-            return WorkerError(
-                f"{who} could not start: {failure.type}: {failure.message}{trace}",
-                remote_traceback=failure.traceback,
-                **details,
-            )
-        if failure.where == "worker":
-            return WorkerError(
-                f"{who} failed in mpfeed's own worker code, not in your source: {failure.type}: "
-                f"{failure.message} (epoch {failure.epoch}). This is a bug in mpfeed; please report it "
-                f"with this traceback.{trace}",
-                remote_traceback=failure.traceback,
-                **details,
-            )
-        error = SourceError(
-            f"{who} raised {failure.type}: {failure.message} {where}{trace}",
-            remote_traceback=failure.traceback,
-            **details,
-        )
-        error.exc_type = failure.type
-        return error
 
     def error(self, handle: WorkerHandle, entry: WorkerError | Exited) -> WorkerError:
         """The error for a failure entry met in a worker's inbox."""
@@ -499,7 +458,7 @@ class Supervisor:
         self._wait_all(_KILL_WAIT_S)
         for handle in self.handles:
             handle.gone = True
-            handle.channel.close()
+            _channel(handle).close()
             handle.inbox.clear()
             handle.process.release()
             if handle.ring is not None:
@@ -522,7 +481,7 @@ class Supervisor:
             if not running or remaining <= 0:
                 return
             for handle in running:
-                handle.channel.receive()
+                _channel(handle).receive()
             running[0].process.wait(min(remaining, _DRAIN_SLICE_S))
             if self.server is not None:
                 self.server.read()
@@ -530,3 +489,71 @@ class Supervisor:
 
 def _spec(ring: Ring, credits: int) -> protocol.RingSpec:
     return protocol.RingSpec(ring.kind, ring.name, ring.depth, ring.slot_bytes, credits)
+
+
+def failure_error(failure: protocol.Failure, handle: WorkerHandle, who: str, indexed: bool) -> WorkerError:
+    """The typed error for what a worker said when it failed; ``who`` names it in the message."""
+    where = f"while producing element {failure.element} of its shard (epoch {failure.epoch})"
+    if indexed:
+        where = (
+            f"while producing source[{failure.element}] (position {failure.position} of epoch "
+            f"{failure.epoch})"
+        )
+        if failure.type == "IndexError" and failure.where == "source":
+            where += (
+                ": the source's __getitem__ raised IndexError for an index below its len(), which "
+                "mpfeed takes as the source's own error (check __len__ and __getitem__ agree)"
+            )
+    details: dict[str, Any] = dict(
+        worker=handle.index, pid=handle.pid, node=handle.node, element=failure.element, epoch=failure.epoch
+    )
+    trace = f"\n\nWorker traceback:\n{failure.traceback}"
+    if failure.where == "element":
+        return ElementError(f"{who} produced a bad element {where}: {failure.message}", **details)
+    if failure.type == "SystemExit":
+        died = WorkerDiedError(
+            f"{who} exited with code {failure.exit_code}: the source called "
+            f"sys.exit({failure.exit_code!r}) {where}",
+            **details,
+        )
+        died.exitcode = failure.exit_code
+        return died
+    if failure.where == "start":
+        return WorkerError(
+            f"{who} could not start: {failure.type}: {failure.message}{trace}",
+            remote_traceback=failure.traceback,
+            **details,
+        )
+    if failure.where == "worker":
+        return WorkerError(
+            f"{who} failed in mpfeed's own worker code, not in your source: {failure.type}: "
+            f"{failure.message} (epoch {failure.epoch}). This is a bug in mpfeed; please report it "
+            f"with this traceback.{trace}",
+            remote_traceback=failure.traceback,
+            **details,
+        )
+    error = SourceError(
+        f"{who} raised {failure.type}: {failure.message} {where}{trace}",
+        remote_traceback=failure.traceback,
+        **details,
+    )
+    error.exc_type = failure.type
+    return error
+
+
+def queue_record(handle: WorkerHandle, record: Record) -> None:
+    """Queue a record of the current run; for a task's answer, update the worker's smoothed pace."""
+    handle.inbox.append(record)
+    handle.produced = record.key
+    if handle.pending_tasks:
+        handle.pending_tasks -= 1
+        now = time.monotonic()
+        took = now - handle.busy_since
+        smoothed = handle.service_s
+        handle.service_s = took if smoothed is None else smoothed + _PACE_WEIGHT * (took - smoothed)
+        handle.busy_since = now
+
+
+def _channel(handle: WorkerHandle) -> Channel:
+    assert handle.channel is not None, "a local worker has a pipe"
+    return handle.channel

@@ -1,0 +1,316 @@
+"""The Ray backend on a real cluster: a head and two worker nodes on this machine, bound to loopback,
+started once for the module. Every feeder's data is checked against the local engine's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # bind the nodes to 127.0.0.1, not the host's address
+
+import sources  # noqa: E402
+from conftest import shm_entries  # noqa: E402
+
+import mpfeed  # noqa: E402
+
+ray = pytest.importorskip("ray", reason="the Ray backend's tests need ray: make test installs it")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+NODE_CPUS = 3
+STORE_BYTES = 100 * 2**20
+SETTLE_S = 30.0  # generous: for Ray to report actors dead and resources back
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "object_store_memory": STORE_BYTES, "include_dashboard": False},
+    )
+    for _ in range(2):
+        cluster.add_node(num_cpus=NODE_CPUS, object_store_memory=STORE_BYTES)
+    cluster.wait_for_nodes()
+    # The actors import the tests' sources by name, as a user's code ships with runtime_env.
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": TESTS}})
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    """The suite's hygiene check, for a cluster that outlives each test: after it, no actor of ours is
+    left running, the cluster's resources are all back, and /dev/shm has nothing new of ours."""
+    shm_before = shm_entries()
+    yield
+    if "cluster" in request.fixturenames:
+        total = _cpus(ray.cluster_resources())
+        assert _settles(lambda: not _actor_processes() and _cpus(ray.available_resources()) == total), (
+            f"left running: {_actor_processes()}; CPUs free {ray.available_resources().get('CPU')} of {total}"
+        )
+    assert not shm_entries() - shm_before
+
+
+def _cpus(resources: dict) -> float:
+    return resources.get("CPU", 0.0)
+
+
+def _actor_processes() -> list[int]:
+    """Pids of mpfeed's actors on this machine (every node of the test cluster is here)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any("ActorWorker" in part for part in process.info["cmdline"] or ()):
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    found.append(process.info["pid"])
+        except psutil.Error:
+            pass
+    return found
+
+
+def _settles(condition, seconds: float = SETTLE_S) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _on_ray(**options) -> mpfeed.RayBackend:
+    return mpfeed.RayBackend(scheduling_strategy="SPREAD", **options)
+
+
+def _ints(elements, key="i") -> list[int]:
+    return [int(e[key]) if isinstance(e, dict) else int(e[1]) for e in elements]
+
+
+# -- the same data as the local engine ---------------------------------------------------------------
+
+
+def test_a_generator_source_gives_the_local_engines_elements_epoch_after_epoch(cluster):
+    options = dict(args=(40,), workers=3, seed=7)
+    with mpfeed.Feeder(sources.epochs_and_seeds, **options) as local:
+        expected = [[dict(e) for e in local] for _ in range(2)]
+    with mpfeed.Feeder(sources.epochs_and_seeds, backend=_on_ray(), **options) as remote:
+        got = [[dict(e) for e in remote] for _ in range(2)]
+        nodes = {w.node for w in remote.stats().workers}
+        pids = {w.pid for w in remote.stats().workers}
+    for local_epoch, remote_epoch in zip(expected, got):
+        assert [e["i"] for e in remote_epoch] == list(range(40))
+        for mine, theirs in zip(local_epoch, remote_epoch):
+            same = ("i", "epoch", "index", "seed", "random", "np_random", "rng")
+            assert {k: mine[k] for k in same} == {k: theirs[k] for k in same}
+    # Epochs run on the same actors: one process per shard, across both epochs.
+    by_shard = {}
+    for epoch in got:
+        for e in epoch:
+            by_shard.setdefault(int(e["index"]), set()).add(int(e["pid"]))
+    assert all(len(p) == 1 for p in by_shard.values()) and {p.pop() for p in by_shard.values()} == pids
+    assert nodes == {"127.0.0.1"}
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_shuffled_batched_random_access_source_matches_the_local_engine(cluster, ordered):
+    options = dict(workers=2, seed=11, shuffle=True, batch_size=4, ordered=ordered)
+    with mpfeed.Feeder(sources.Numbers(30), **options) as local:
+        expected = [[b["i"].tolist() for b in local] for _ in range(2)]
+    with mpfeed.Feeder(sources.Numbers(30), backend=_on_ray(), **options) as remote:
+        got = [[b["i"].tolist() for b in remote] for _ in range(2)]
+    if not ordered:  # first ready: the same batches, in any order
+        expected = [sorted(epoch) for epoch in expected]
+        got = [sorted(epoch) for epoch in got]
+    assert got == expected
+    assert got[0] != got[1]  # a new permutation each epoch
+
+
+def test_partitions_cover_every_element_once(cluster):
+    parts = []
+    for index in range(2):
+        with mpfeed.Feeder(
+            sources.numbered, args=(25,), workers=2, partition=(index, 2), backend=_on_ray()
+        ) as feeder:
+            parts.append(_ints(feeder))
+    assert sorted(parts[0] + parts[1]) == list(range(25))
+    assert not set(parts[0]) & set(parts[1])
+
+
+@pytest.mark.parametrize("kind", ["generator", "random-access"])
+def test_resume_in_the_middle_of_an_epoch_gives_the_rest_of_it(cluster, kind):
+    source, args = (sources.numbered, (30,)) if kind == "generator" else (sources.Numbers(30), ())
+    options = dict(args=args, workers=2, seed=3, shuffle=kind == "random-access")
+    with mpfeed.Feeder(source, backend=_on_ray(), **options) as first:
+        stream = iter(first)
+        before = [int(next(stream)["i"]) for _ in range(11)]
+        state = first.state_dict()
+    with mpfeed.Feeder(source, backend=_on_ray(), **options) as second:
+        second.load_state_dict(state)
+        after = _ints(second)
+    with mpfeed.Feeder(source, **options) as local:
+        whole = _ints(local)
+    assert before + after == whole
+
+
+def test_records_are_read_only_views_of_the_object_store_that_outlive_the_feeder(cluster):
+    with mpfeed.Feeder(sources.Arrays(6, 1), workers=2, backend=_on_ray()) as feeder:
+        held = list(feeder)
+    for index, array in enumerate(held):
+        assert not array.flags.writeable and not array.flags.owndata
+        assert array.ctypes.data % 64 == 0  # aligned, so TensorFlow can alias it
+        with pytest.raises(ValueError):
+            array[0] = -1
+        assert np.all(array == index)
+
+
+def test_dataset_through_tensorflow_with_prefetch(cluster):
+    tf = pytest.importorskip("tensorflow")
+    with mpfeed.Feeder(sources.Numbers(24, shape=(64, 64)), workers=2, batch_size=4, backend=_on_ray()) as f:
+        ds = f.dataset().prefetch(3)
+        for _ in range(2):
+            got = [int(i) for batch in ds for i in batch["i"].numpy()]
+            assert got == list(range(24))
+        sums = ds.map(lambda b: tf.reduce_sum(b["x"])).reduce(np.float32(0), lambda a, b: a + b)
+        assert float(sums) == float(sum(range(24)) * 64 * 64)
+
+
+# -- failures -----------------------------------------------------------------------------------------
+
+
+def test_a_raising_source_is_a_source_error_with_the_remote_traceback(cluster):
+    with mpfeed.Feeder(sources.raise_at, args=(20, 9), workers=2, backend=_on_ray()) as feeder:
+        got = []
+        with pytest.raises(mpfeed.SourceError) as caught:
+            for element in feeder:
+                got.append(int(element[1]))
+        assert got == list(range(9))  # everything before the failure, in order
+        error = caught.value
+        assert error.worker == 1 and error.node == "127.0.0.1" and error.epoch == 0
+        assert "ValueError: bad record 9" in str(error) and "Ray actor" in str(error)
+        assert "raise_at" in error.remote_traceback and "sources.py" in error.remote_traceback
+        with pytest.raises(mpfeed.SourceError):
+            next(iter(feeder))  # broken stays broken
+
+
+def test_a_random_access_source_that_raises_names_the_index_and_position(cluster):
+    with mpfeed.Feeder(sources.Faulty(12, 5, "raise"), workers=2, backend=_on_ray()) as feeder:
+        with pytest.raises(mpfeed.SourceError, match=r"source\[5\] \(position 5 of epoch 0\)"):
+            list(feeder)
+
+
+def test_tensorflow_inside_a_source_fails_loudly_on_ray_too(cluster):
+    import hardening_sources
+
+    feeder = mpfeed.Feeder(hardening_sources.uses_tensorflow, args=("asarray",), workers=1, backend=_on_ray())
+    with feeder, pytest.raises(mpfeed.SourceError, match="TensorFlow cannot run in mpfeed workers"):
+        list(feeder)
+
+
+def test_a_node_removed_mid_stream_is_a_worker_died_error_naming_it(cluster):
+    node = cluster.add_node(num_cpus=2, object_store_memory=STORE_BYTES, resources={"doomed": 2})
+    cluster.wait_for_nodes()
+    feeder = mpfeed.Feeder(
+        sources.slow, args=(10_000, 0.01), workers=2, backend=mpfeed.RayBackend(resources={"doomed": 1})
+    )
+    with feeder:
+        stream = iter(feeder)
+        for _ in range(20):
+            next(stream)
+        removed = time.monotonic()
+        threading.Timer(0.2, cluster.remove_node, args=(node,)).start()
+        with pytest.raises(mpfeed.WorkerDiedError) as caught:
+            for _ in stream:
+                pass
+        noticed = time.monotonic() - removed
+    assert "node 127.0.0.1" in str(caught.value) and "died" in str(caught.value)
+    assert caught.value.node == "127.0.0.1"
+    assert noticed < SETTLE_S  # a bound on a hang, not a speed claim
+
+
+def test_close_gives_back_every_actor_and_its_resources(cluster):
+    total = _cpus(ray.cluster_resources())
+    feeder = mpfeed.Feeder(sources.slow, args=(1000, 0.01), workers=4, backend=_on_ray())
+    next(iter(feeder))
+    pids = [w.pid for w in feeder.stats().workers]
+    assert _cpus(ray.available_resources()) == total - 4
+    feeder.close()
+    assert _settles(lambda: not set(pids) & set(_actor_processes()))
+    assert _settles(lambda: _cpus(ray.available_resources()) == total)
+
+
+def test_more_workers_than_the_cluster_holds_fails_clearly_and_leaves_nothing(cluster):
+    with pytest.raises(mpfeed.WorkerError, match=r"Ray placed only \d of 7 worker actors within 10 s"):
+        mpfeed.Feeder(sources.numbered, args=(10,), workers=7, backend=mpfeed.RayBackend(start_timeout=10))
+
+
+def test_the_consumer_killed_with_sigkill_takes_its_actors_with_it(cluster, tmp_path):
+    total = _cpus(ray.cluster_resources())
+    ready = tmp_path / "pids"
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {TESTS!r})
+        import ray, mpfeed, sources
+        ray.init(address={cluster.address!r}, runtime_env={{"env_vars": {{"PYTHONPATH": {TESTS!r}}}}})
+        feeder = mpfeed.Feeder(sources.slow, args=(10_000, 0.01), workers=3, backend=mpfeed.RayBackend())
+        stream = iter(feeder)
+        next(stream)
+        open({str(ready)!r}, "w").write(" ".join(str(w.pid) for w in feeder.stats().workers))
+        for _ in stream:
+            pass
+        """
+    )
+    consumer = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": TESTS})
+    try:
+        assert _settles(ready.exists, 120), "the consumer never started its feeder"
+        pids = {int(p) for p in _settles_read(ready).split()}
+        assert pids <= set(_actor_processes())
+        os.kill(consumer.pid, signal.SIGKILL)
+        consumer.wait(30)
+        assert _settles(lambda: not pids & set(_actor_processes())), "the actors outlived their consumer"
+        assert _settles(lambda: _cpus(ray.available_resources()) == total)
+    finally:
+        if consumer.poll() is None:
+            consumer.kill()
+            consumer.wait()
+
+
+def _settles_read(path) -> str:
+    assert _settles(lambda: path.read_text().strip() != "", 10)
+    return path.read_text()
+
+
+# -- the option itself --------------------------------------------------------------------------------
+
+
+def test_importing_mpfeed_never_imports_ray():
+    code = "import sys, mpfeed; mpfeed.Feeder; mpfeed.RayBackend; assert 'ray' not in sys.modules, 'ray'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"start_method": "spawn"},
+        {"ring_memory": "memfd"},
+        {"slot_bytes": 4096},
+        {"shm_budget": 1 << 20},
+        {"workers": "auto"},
+    ],
+)
+def test_options_of_local_processes_are_refused_with_ray(option):
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=f"{name}.* applies to local worker processes"):
+        mpfeed.Feeder(sources.Numbers(4), backend=mpfeed.RayBackend(), **option)
