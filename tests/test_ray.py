@@ -164,12 +164,24 @@ def test_resume_in_the_middle_of_an_epoch_gives_the_rest_of_it(cluster, kind):
     assert before + after == whole
 
 
+def _mapping_of(address: int) -> str:
+    """The line of /proc/self/maps that holds ``address``."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            low, high = (int(x, 16) for x in line.split()[0].split("-"))
+            if low <= address < high:
+                return line
+    raise AssertionError(f"{address:#x} is not mapped")
+
+
 def test_records_are_read_only_views_of_the_object_store_that_outlive_the_feeder(cluster):
     with mpfeed.Feeder(sources.Arrays(6, 1), workers=2, backend=_on_ray()) as feeder:
         held = list(feeder)
     for index, array in enumerate(held):
         assert not array.flags.writeable and not array.flags.owndata
         assert array.ctypes.data % 64 == 0  # aligned, so TensorFlow can alias it
+        # In the object store's shared mapping (a copy would be in this process's private memory).
+        assert "plasma" in _mapping_of(array.ctypes.data)
         with pytest.raises(ValueError):
             array[0] = -1
         assert np.all(array == index)
