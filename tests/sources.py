@@ -305,3 +305,26 @@ class Arrays:
 
     def __getitem__(self, index):
         return np.full(self.size, index, dtype=np.float32)
+
+
+def logs_what_it_makes(n, path, shard):
+    """Appends a line to ``path`` for every element it makes: how far a worker runs ahead."""
+    for i in range(shard.index, n, shard.count):
+        with open(path, "a") as log:
+            log.write(f"{i}\n")
+        yield np.full(4, i, dtype=np.int64), i
+
+
+class LogsWhatItMakes:
+    """The random-access form of `logs_what_it_makes`."""
+
+    def __init__(self, n, path):
+        self.n, self.path = n, path
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        with open(self.path, "a") as log:
+            log.write(f"{index}\n")
+        return np.full(4, index, dtype=np.int64), index

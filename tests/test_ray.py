@@ -198,6 +198,25 @@ def test_dataset_through_tensorflow_with_prefetch(cluster):
         assert float(sums) == float(sum(range(24)) * 64 * 64)
 
 
+@pytest.mark.parametrize("kind", ["generator", "random-access"])
+def test_an_actor_runs_at_most_depth_records_ahead_of_the_consumer(cluster, tmp_path, kind):
+    log = tmp_path / "made"
+    log.touch()
+    if kind == "generator":
+        feeder = mpfeed.Feeder(
+            sources.logs_what_it_makes, args=(1000, str(log)), workers=2, depth=3, backend=_on_ray()
+        )
+    else:
+        feeder = mpfeed.Feeder(sources.LogsWhatItMakes(1000, str(log)), workers=2, depth=3, backend=_on_ray())
+    with feeder:
+        stream = iter(feeder)
+        taken = [next(stream) for _ in range(10)]
+        time.sleep(2.0)  # room for the actors to run ahead, if anything let them
+        made = len(log.read_text().split())
+    assert len(taken) == 10
+    assert 10 <= made <= 10 + 2 * 3  # what was taken, plus depth per actor
+
+
 # -- failures -----------------------------------------------------------------------------------------
 
 
