@@ -323,6 +323,19 @@ def _settles_read(path) -> str:
     return path.read_text()
 
 
+def test_the_training_example_trains_on_the_cluster(cluster):
+    script = os.path.join(os.path.dirname(TESTS), "scripts", "ray_fit.py")
+    result = subprocess.run(
+        [sys.executable, script, "--address", cluster.address, "--images", "96", "--batch", "16"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trained 2 epochs of 96 images" in result.stdout
+    assert "on nodes ['127.0.0.1']" in result.stdout
+
+
 # -- the option itself --------------------------------------------------------------------------------
 
 
