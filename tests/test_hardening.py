@@ -224,6 +224,7 @@ def test_stats_from_other_threads_never_hangs_or_disturbs_the_consumer(
 _INTERRUPTED = """
     import json, random, signal, sys, time
     import numpy as np, psutil, mpfeed, sources
+    {setup}
 
     N, BUDGET_S, BOUND_S, SEED = 30, {budget}, {bound}, {seed}
     BrokenError = getattr(mpfeed, "BrokenError", ())  # absent: anything but KeyboardInterrupt is wrong
@@ -246,7 +247,7 @@ _INTERRUPTED = """
 
     problems, counts, held = [], {{"complete": 0, "interrupted": 0}}, []
     broken = None
-    feeder = mpfeed.Feeder(sources.pairs, args=(N,), workers=3, depth=2)
+    feeder = mpfeed.Feeder(sources.pairs, args=(N,), workers=3, depth=2{backend})
     pids = [w.pid for w in feeder.stats().workers]
     started = time.monotonic()
     try:
@@ -323,13 +324,25 @@ _INTERRUPTED = """
 """
 
 
+def interrupted_script(budget: float, seed: int, setup: str = "", backend: str = "") -> str:
+    """The consumer script of the KeyboardInterrupt race: ``setup`` runs first, ``backend`` (an expression)
+    goes to the feeder."""
+    return _INTERRUPTED.format(
+        budget=budget,
+        bound=HANG_BOUND_S / 2,
+        seed=seed,
+        setup=setup,
+        backend=f", backend={backend}" if backend else "",
+    )
+
+
 def test_a_keyboard_interrupt_at_any_moment_leaves_the_feeder_consistent_or_broken():
     """SIGALRM raises KeyboardInterrupt in the main thread every 0.3-3 ms, wherever the feeder is, and the
     user starts a new epoch after each. Old code: epochs out of order, a held view's slot rewritten,
     EOFError from a half-read message."""
     before = shm_entries()
     seed = random.randrange(1 << 30)
-    script = _INTERRUPTED.format(budget=6, bound=HANG_BOUND_S / 2, seed=seed)
+    script = interrupted_script(budget=6, seed=seed)
     status, out, err = _finish(_run_script(script), _RACE_BUDGET_S + HANG_BOUND_S)
     assert status == 0, f"seed {seed}: {status}\n{out}\n{err[-6000:]}"
     result = json.loads(out.strip().splitlines()[-1])

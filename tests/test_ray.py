@@ -3,7 +3,9 @@ started once for the module. Every feeder's data is checked against the local en
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -249,6 +251,21 @@ def test_tensorflow_inside_a_source_fails_loudly_on_ray_too(cluster):
         list(feeder)
 
 
+def test_a_keyboard_interrupt_at_any_moment_leaves_a_ray_feeder_consistent_or_broken(cluster):
+    """The race of the local engine's test, with Ray's calls (ray.wait, ray.get) in the middle of it."""
+    from test_hardening import HANG_BOUND_S, _finish, _run_script, interrupted_script
+
+    seed = random.randrange(1 << 30)
+    environment = {"env_vars": {"PYTHONPATH": TESTS}}
+    setup = f"import ray; ray.init(address={cluster.address!r}, runtime_env={environment!r})"
+    script = interrupted_script(budget=6, seed=seed, setup=setup, backend="mpfeed.RayBackend()")
+    status, out, err = _finish(_run_script(script), 6 + 3 * HANG_BOUND_S)
+    assert status == 0, f"seed {seed}: {status}\n{out}\n{err[-6000:]}"
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["problems"] == [], f"seed {seed}: {result}"
+    assert result["counts"]["interrupted"] > 0
+
+
 def test_a_node_removed_mid_stream_is_a_worker_died_error_naming_it(cluster):
     node = cluster.add_node(num_cpus=2, object_store_memory=STORE_BYTES, resources={"doomed": 2})
     cluster.wait_for_nodes()
@@ -268,6 +285,26 @@ def test_a_node_removed_mid_stream_is_a_worker_died_error_naming_it(cluster):
     assert "node 127.0.0.1" in str(caught.value) and "died" in str(caught.value)
     assert caught.value.node == "127.0.0.1"
     assert noticed < SETTLE_S  # a bound on a hang, not a speed claim
+
+
+def test_an_actor_silent_past_the_timeout_is_a_worker_timeout_error(cluster):
+    feeder = mpfeed.Feeder(sources.slow, args=(10, 60.0), workers=2, timeout=1.0, backend=_on_ray())
+    with (
+        feeder,
+        pytest.raises(mpfeed.WorkerTimeoutError, match=r"worker 0 \(pid \d+\) produced nothing for 1 s"),
+    ):
+        next(iter(feeder))
+
+
+def test_close_from_another_thread_ends_an_iteration_waiting_on_actors(cluster):
+    feeder = mpfeed.Feeder(sources.slow, args=(10, 60.0), workers=2, backend=_on_ray())
+    closer = threading.Timer(1.0, feeder.close)
+    closer.start()
+    began = time.monotonic()
+    with pytest.raises(mpfeed.ClosedError):
+        next(iter(feeder))
+    closer.join()
+    assert time.monotonic() - began < SETTLE_S  # a bound on a hang: actors busy for a minute were killed
 
 
 def test_close_gives_back_every_actor_and_its_resources(cluster):
