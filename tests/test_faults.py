@@ -72,13 +72,15 @@ def test_a_worker_killed_from_outside_wakes_a_waiting_consumer(start_method):
     assert "SIGKILL (-9)" in str(error)
 
 
+# Long enough that a worker's start on a loaded machine is not taken for a stall.
+STALL_TIMEOUT_S = 3.0
 FAULTS = {
     "raise": (mpfeed.SourceError, "raised ValueError: injected fault"),
     "exit3": (mpfeed.WorkerDiedError, "exited with code 3: the source called sys.exit(3)"),
     "exit0": (mpfeed.WorkerDiedError, "exited with code 0"),
     "sigkill": (mpfeed.WorkerDiedError, "was killed by SIGKILL (-9)"),
     "sigsegv": (mpfeed.WorkerDiedError, "was killed by SIGSEGV (-11)"),
-    "stall": (mpfeed.WorkerTimeoutError, "produced nothing for 1 s (the feeder's timeout)"),
+    "stall": (mpfeed.WorkerTimeoutError, "produced nothing for 3 s (the feeder's timeout)"),
 }
 WHERE = {  # where the fault strikes worker 1, and the element of its shard it was producing
     "start": 0,
@@ -98,7 +100,7 @@ def test_crash_matrix(where, how, start_method):
         args=(40, source_where, how),
         workers=2,
         depth=3,
-        timeout=1.0 if how == "stall" else None,
+        timeout=STALL_TIMEOUT_S if how == "stall" else None,
         start_method=start_method,
     ) as feeder:
         if where == "epoch":
@@ -134,7 +136,7 @@ def test_crash_matrix_for_random_access_sources(at, how, start_method):
         sources.Faulty(60, at, how),
         workers=2,
         depth=3,
-        timeout=1.0 if how == "stall" else None,
+        timeout=STALL_TIMEOUT_S if how == "stall" else None,
         start_method=start_method,
     ) as feeder:
         error = _consume(feeder)
