@@ -5,8 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PEERS := $(VENV)/.peers
+RAY_DATA := $(VENV)/.ray-data
 
-.PHONY: install test lint bench bench-quick bench-peers scale clean
+.PHONY: install test lint bench bench-quick bench-peers scale scale-ray clean
 
 install: $(STAMP)
 
@@ -42,6 +43,16 @@ $(PEERS): $(STAMP)
 
 scale: $(STAMP)
 	$(BIN)/python scripts/scale.py
+
+# The Ray backend on a local 3-node cluster, beside Ray Data's to_tf: needs ray[data] (pandas, pyarrow),
+# installed once. Ends by importing Ray Data beside TensorFlow, so a dependency that breaks either fails here.
+scale-ray: $(RAY_DATA)
+	$(BIN)/python scripts/scale_ray.py
+
+$(RAY_DATA): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[ray-data]'
+	$(BIN)/python -c "import ray, ray.data, tensorflow as tf; print('ray', ray.__version__, 'tensorflow', tf.__version__, 'ray.data ok')"
+	touch $(RAY_DATA)
 
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache .ruff_cache *.egg-info

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 from harness import Contender, Pipeline
-from workloads import ENDLESS, WORKLOADS, IndexedItems, Workload
+from workloads import ENDLESS, WORKLOADS, IndexedItems, Workload, item_row
 
 import mpfeed
 
@@ -203,6 +203,38 @@ def mpfeed_direct(workload: Workload, workers: int) -> Pipeline:
 
 def mpfeed_b256(workload: Workload, workers: int) -> Pipeline:
     return mpfeed_dataset(workload, workers, batch_size=256)
+
+
+# -- the Ray backend and Ray Data (scale_ray.py, on a cluster it connected to) ---------------------------
+
+
+def mpfeed_ray_dataset(workload: Workload, workers: int, batch_size: int | None = None) -> Pipeline:
+    """``mpfeed.Feeder(source, workers=N, backend=RayBackend(scheduling_strategy="SPREAD")).dataset()``:
+    the workers are Ray actors spread over the cluster's nodes."""
+    feeder = mpfeed.Feeder(
+        workload.source,
+        args=(ENDLESS,),
+        workers=workers,
+        batch_size=batch_size or workload.batch_size,
+        backend=mpfeed.RayBackend(scheduling_strategy="SPREAD"),
+    )
+    batched = (batch_size or workload.batch_size) is not None
+    return Pipeline(feeder.dataset(), batched=batched, close=feeder.close, notes=mpfeed_notes(feeder))
+
+
+def ray_data_to_tf(workload: Workload, rows: int) -> Pipeline:
+    """Ray Data as its documentation shows it: ``ray.data.range(rows).map(row -> {"image", "label"})`` then
+    ``to_tf("image", "label", batch_size=...)``. Ray Data runs the row function in Ray tasks over blocks of
+    rows, as many at once as the cluster's CPUs allow (its defaults: blocks, concurrency, prefetch_batches
+    =1), and `to_tf` wraps its batches in `from_generator`. ``rows`` is finite, as a Ray dataset is."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    dataset = ray.data.range(rows).map(functools.partial(item_row, workload.item))
+    batch_size = workload.batch_size or 1
+    tf_dataset = dataset.to_tf(feature_columns="image", label_columns="label", batch_size=batch_size)
+    return Pipeline(tf_dataset, batched=True)
 
 
 # -- optional peers: only when importable ---------------------------------------------------------------

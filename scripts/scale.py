@@ -14,6 +14,7 @@ can keep fed.
 
     python scripts/scale.py              # ~8 minutes on 2 cores
     python scripts/scale.py --quick      # ~1 minute
+    python scripts/scale.py --ray        # the Ray backend on a local cluster: scripts/scale_ray.py
 """
 
 from __future__ import annotations
@@ -359,12 +360,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workloads", default="io,decode,python", help="comma-separated")
     parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3)")
     parser.add_argument("--no-costs", action="store_true", help="skip part 2 (mpfeed's own cost)")
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        help="the Ray backend's mode instead: scripts/scale_ray.py, given the rest",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
+    argv = sys.argv[1:] if argv is None else argv
+    if "--ray" in argv:
+        import scale_ray
+
+        scale_ray.main([arg for arg in argv if arg != "--ray"])
+        return
     args = parse_args(argv)
     workloads = [WORKLOADS[name.strip()] for name in args.workloads.split(",") if name.strip()]
     reps = args.reps or (1 if args.quick else 3)

@@ -292,6 +292,52 @@ WORKLOADS: dict[str, Workload] = {
 }
 
 
+# -- the Ray backend's workloads (scale_ray.py): kept out of WORKLOADS, which bench.py runs whole ----------
+
+IO_5MS_SLEEP_S = 0.005
+RAY_BATCH = 16  # `io-5ms` comes in batches of this many: mpfeed's worker-side batches, to_tf's, .batch()'s
+
+
+def io_5ms_item(i: int) -> tuple[np.ndarray, np.int64]:
+    """`io` at half the wait: 5 ms, then the same 224x224x3 image and label."""
+    time.sleep(IO_5MS_SLEEP_S)
+    return _image(i), np.int64(i)
+
+
+def image_item(i: int) -> tuple[np.ndarray, np.int64]:
+    """`io`'s element with no work: what moving one 150 KB image costs a pipeline."""
+    return _image(i), np.int64(i)
+
+
+def item_row(item: Callable[[int], Any], row: dict[str, Any]) -> dict[str, Any]:
+    """A Ray Data row function: ``{"id": i}`` (``ray.data.range``) to ``{"image": ..., "label": ...}``."""
+    image, label = item(int(row["id"]))
+    return {"image": image, "label": label}
+
+
+class ItemServer:
+    """A bare Ray actor (``ray.remote(ItemServer)``): one call, one element, no mpfeed. The floor of any
+    design that makes one actor call per record."""
+
+    def __init__(self, item: Callable[[int], Any]) -> None:
+        self.item = item
+
+    def call(self, i: int) -> Any:
+        return self.item(i)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+RAY_WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in [
+        Workload("io-5ms", io_5ms_item, RAY_BATCH, "ideal-io", "sleeps 5 ms per element, batches of 16"),
+        Workload("image", image_item, None, "ceiling", "io's 150 KB image + label, no work"),
+    ]
+}
+
+
 def leaves(element: Any) -> list[Any]:
     """The arrays of one element (tuples, lists and dicts of them) in `tf.nest.flatten`'s order, without
     TensorFlow."""
