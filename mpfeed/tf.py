@@ -116,7 +116,8 @@ def feeder_dataset(
     by default those (and unchunked elements) of up to 256 KiB go as copies, which free their slots at once.
 
     The generator function holds the feeder weakly (TensorFlow keeps generator functions registered after
-    the dataset is gone); the returned dataset, and every dataset made from it, owns the feeder.
+    the dataset is gone); the returned dataset, and every dataset made from it, owns the feeder. A
+    partitioned feeder's dataset turns TensorFlow's auto-sharding off: it is one host's part already.
     """
     batched = feeder._supervisor.config.batch_size is not None
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -172,6 +173,13 @@ def feeder_dataset(
             lambda spec: tf.TensorSpec((None, *spec.shape), spec.dtype), output_signature
         )
         dataset = tf.data.Dataset.from_generator(chunks, output_signature=chunk_signature).unbatch()
+    if feeder._supervisor.config.partition[1] > 1:
+        # Already this host's part: TensorFlow's multi-worker auto-sharding (`experimental_distribute_dataset`
+        # and Keras' fit apply it) would find no files to shard by, shard the elements instead, and drop
+        # the rest of the part.
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        dataset = dataset.with_options(options)
     dataset._mpfeed_feeder = feeder
     return dataset
 

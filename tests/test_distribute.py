@@ -18,7 +18,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import sources
 from conftest import LEAK_GRACE_S, shm_entries
+
+import mpfeed
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "distributed_fit.py"
@@ -167,3 +170,16 @@ def test_both_workers_train_to_the_same_weights(cluster):
 def test_the_workers_leave_no_process_and_no_shared_memory_name(cluster):
     assert not cluster["processes_left"]
     assert not cluster["shm_left"]
+
+
+def test_a_partitioned_dataset_is_not_sharded_again_by_tensorflows_auto_sharding():
+    """`strategy.experimental_distribute_dataset` (and Keras' fit) apply TensorFlow's auto-sharding on
+    each worker: it found no files in a feeder's dataset, sharded its elements instead, and each host
+    kept half of its own partition."""
+    pytest.importorskip("tensorflow")
+    from tensorflow.python.distribute import input_ops  # the rewrite those apply on each worker
+
+    with mpfeed.Feeder(sources.Numbers(16), workers=1, partition=(1, 2)) as feeder:
+        dataset = input_ops.auto_shard_dataset(feeder.dataset().batch(2), 2, 1, 2)
+        seen = [int(i) for batch in dataset for i in batch["i"]]
+    assert seen == list(range(1, 16, 2))
