@@ -273,14 +273,24 @@ def from_generator(
     ``source`` as for `mpfeed.Feeder` (a random-access object, or a generator function called as
     ``source(*args, shard=Shard, **kwargs)``), whose options (``workers``, ``batch_size``, ``shuffle``,
     ...) pass through. ``input_context`` (from ``strategy.distribute_datasets_from_function``) gives this
-    input pipeline its own partition of the data. The dataset owns its feeder: the workers stop when it is
-    collected.
+    input pipeline its own partition of the data; with ``shuffle=True`` every pipeline needs the same
+    ``seed``. The dataset owns its feeder: the workers stop when it is collected.
     """
     from .feeder import Feeder
 
     if input_context is not None:
         if "partition" in feeder_options:
             raise ValueError("pass input_context or partition, not both")
+        if (
+            input_context.num_input_pipelines > 1
+            and feeder_options.get("shuffle")
+            and feeder_options.get("seed") is None
+        ):
+            raise ValueError(
+                "shuffle=True with an input_context needs a seed: each input pipeline takes its part of "
+                "one permutation, and without a seed each would draw its own (parts that overlap and miss "
+                "elements). Pass the same seed on every host"
+            )
         feeder_options["partition"] = (input_context.input_pipeline_id, input_context.num_input_pipelines)
     return Feeder(source, args=args, **feeder_options).dataset(output_signature)
 

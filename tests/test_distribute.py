@@ -183,3 +183,16 @@ def test_a_partitioned_dataset_is_not_sharded_again_by_tensorflows_auto_sharding
         dataset = input_ops.auto_shard_dataset(feeder.dataset().batch(2), 2, 1, 2)
         seen = [int(i) for batch in dataset for i in batch["i"]]
     assert seen == list(range(1, 16, 2))
+
+
+def test_shuffled_input_pipelines_without_a_seed_are_refused_since_their_parts_would_overlap():
+    tf = pytest.importorskip("tensorflow")
+    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=0)
+    children = set(psutil.Process().children(recursive=True))
+    with pytest.raises(ValueError, match="needs a seed"):
+        mpfeed.from_generator(sources.Numbers(8), input_context=context, shuffle=True)
+    assert set(psutil.Process().children(recursive=True)) <= children, "refused before any worker started"
+    one = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0)
+    dataset = mpfeed.from_generator(sources.Numbers(8), input_context=one, shuffle=True, workers=1)
+    assert sorted(int(e["i"]) for e in dataset) == list(range(8))
+    dataset._mpfeed_feeder.close()
