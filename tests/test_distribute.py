@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ import mpfeed
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "distributed_fit.py"
+README = ROOT / "README.md"
 # Both shuffled runs use the same seed: their orders must be the same.
 RUNS = ["ordered", "shuffled", "generator", "shuffled"]
 EPOCHS = 2
@@ -170,6 +172,23 @@ def test_both_workers_train_to_the_same_weights(cluster):
 def test_the_workers_leave_no_process_and_no_shared_memory_name(cluster):
     assert not cluster["processes_left"]
     assert not cluster["shm_left"]
+
+
+def test_the_readme_shows_the_code_the_workers_run():
+    """The README's multi-worker example is an excerpt of scripts/distributed_fit.py: its lines appear
+    there in the same order ("..." marks what it leaves out)."""
+    text = README.read_text()
+    section = text[text.index("### Several hosts: tf.distribute") :]
+    blocks = re.findall(r"```python\n(.*?)```", section[: section.index("\n### ")], re.S)
+    assert blocks
+    script = [line.strip() for line in SCRIPT.read_text().splitlines()]
+    position = 0
+    for block in blocks:
+        for line in (line.strip() for line in block.splitlines()):
+            if not line or line == "...":
+                continue
+            assert line in script[position:], f"README line not in {SCRIPT.name} (in order): {line!r}"
+            position = script.index(line, position) + 1
 
 
 def test_a_partitioned_dataset_is_not_sharded_again_by_tensorflows_auto_sharding():
