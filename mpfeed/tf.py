@@ -116,7 +116,8 @@ def feeder_dataset(
     by default those (and unchunked elements) of up to 256 KiB go as copies, which free their slots at once.
 
     The generator function holds the feeder weakly (TensorFlow keeps generator functions registered after
-    the dataset is gone); the returned dataset, and every dataset made from it, owns the feeder.
+    the dataset is gone); the returned dataset, and every dataset made from it, owns the feeder. A
+    partitioned feeder's dataset turns TensorFlow's auto-sharding off: it is one host's part already.
     """
     batched = feeder._supervisor.config.batch_size is not None
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -172,6 +173,13 @@ def feeder_dataset(
             lambda spec: tf.TensorSpec((None, *spec.shape), spec.dtype), output_signature
         )
         dataset = tf.data.Dataset.from_generator(chunks, output_signature=chunk_signature).unbatch()
+    if feeder._supervisor.config.partition[1] > 1:
+        # Already this host's part: TensorFlow's multi-worker auto-sharding (`experimental_distribute_dataset`
+        # and Keras' fit apply it) would find no files to shard by, shard the elements instead, and drop
+        # the rest of the part.
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        dataset = dataset.with_options(options)
     dataset._mpfeed_feeder = feeder
     return dataset
 
@@ -265,14 +273,24 @@ def from_generator(
     ``source`` as for `mpfeed.Feeder` (a random-access object, or a generator function called as
     ``source(*args, shard=Shard, **kwargs)``), whose options (``workers``, ``batch_size``, ``shuffle``,
     ...) pass through. ``input_context`` (from ``strategy.distribute_datasets_from_function``) gives this
-    input pipeline its own partition of the data. The dataset owns its feeder: the workers stop when it is
-    collected.
+    input pipeline its own partition of the data; with ``shuffle=True`` every pipeline needs the same
+    ``seed``. The dataset owns its feeder: the workers stop when it is collected.
     """
     from .feeder import Feeder
 
     if input_context is not None:
         if "partition" in feeder_options:
             raise ValueError("pass input_context or partition, not both")
+        if (
+            input_context.num_input_pipelines > 1
+            and feeder_options.get("shuffle")
+            and feeder_options.get("seed") is None
+        ):
+            raise ValueError(
+                "shuffle=True with an input_context needs a seed: each input pipeline takes its part of "
+                "one permutation, and without a seed each would draw its own (parts that overlap and miss "
+                "elements). Pass the same seed on every host"
+            )
         feeder_options["partition"] = (input_context.input_pipeline_id, input_context.num_input_pipelines)
     return Feeder(source, args=args, **feeder_options).dataset(output_signature)
 
