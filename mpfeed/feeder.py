@@ -234,6 +234,12 @@ class Feeder:
         )
         if backend is not None:
             _check_backend(backend, workers, start_method, ring_memory, slot_bytes, shm_budget)
+        _require(
+            not (shuffle and partition[1] > 1 and seed is None),
+            f"shuffle=True with partition={partition} (or an input_context of several pipelines) needs a "
+            "seed: each part takes its share of one permutation, and without a seed each would draw its own "
+            "(parts that overlap and miss elements). Pass the same seed on every host",
+        )
         cores = _usable_cpus() if backend is None else backend.default_workers()
         autotune = None
         if workers == "auto":

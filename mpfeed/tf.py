@@ -281,16 +281,6 @@ def from_generator(
     if input_context is not None:
         if "partition" in feeder_options:
             raise ValueError("pass input_context or partition, not both")
-        if (
-            input_context.num_input_pipelines > 1
-            and feeder_options.get("shuffle")
-            and feeder_options.get("seed") is None
-        ):
-            raise ValueError(
-                "shuffle=True with an input_context needs a seed: each input pipeline takes its part of "
-                "one permutation, and without a seed each would draw its own (parts that overlap and miss "
-                "elements). Pass the same seed on every host"
-            )
         feeder_options["partition"] = (input_context.input_pipeline_id, input_context.num_input_pipelines)
     return Feeder(source, args=args, **feeder_options).dataset(output_signature)
 

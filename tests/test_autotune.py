@@ -64,11 +64,13 @@ def test_adjusting_never_changes_what_is_delivered():
 
 def test_closing_while_adjusting_stops_cleanly():
     feeder = mpfeed.Feeder(sources.Waits(10**6, 0.01), workers="auto", max_workers=16)
-    _iterate_for(feeder, 4)
-    assert feeder.stats().worker_changes
-    processes = [psutil.Process(w.pid) for w in feeder.stats().workers]
-    started = time.monotonic()
-    feeder.close()
+    try:
+        _iterate_for(feeder, 4)
+        assert feeder.stats().worker_changes
+        processes = [psutil.Process(w.pid) for w in feeder.stats().workers]
+        started = time.monotonic()
+    finally:
+        feeder.close()  # a failed check above must not leave workers to the next test
     assert time.monotonic() - started < HANG_BOUND_S
     _, alive = psutil.wait_procs(processes, timeout=10)
     assert not alive

@@ -284,3 +284,12 @@ def test_a_checkpoint_saves_and_restores_the_position_with_the_model(tmp_path):
         assert int(restored.step) == 11
         after = [e["i"] for e in feeder]
     assert before + after == whole
+
+
+def test_shuffled_partitions_without_a_seed_are_refused_since_their_parts_would_overlap():
+    children = set(psutil.Process().children(recursive=True))
+    with pytest.raises(ValueError, match=r"partition=\(0, 2\) .* needs a seed"):
+        mpfeed.Feeder(sources.Numbers(8), partition=(0, 2), shuffle=True)
+    assert set(psutil.Process().children(recursive=True)) <= children, "refused before any worker started"
+    with mpfeed.Feeder(sources.Numbers(8), partition=(0, 2), shuffle=True, seed=1, workers=1) as feeder:
+        assert len(list(feeder)) == 4
