@@ -261,9 +261,7 @@ class RaySupervisor(Supervisor):
         return False  # no ring: a record held by the user holds only its object
 
     def flush_credits(self) -> None:
-        if not self.config.indexed:
-            for handle in self.handles:
-                self._top_up(handle)
+        pass  # nothing is held back: `release` and `start_epoch` make each actor's calls as room appears
 
     # -- watching ------------------------------------------------------------------------------------
 
@@ -302,6 +300,8 @@ class RaySupervisor(Supervisor):
                     break
                 if run == self.run:
                     self._take(handle, answer)
+                elif not self.config.indexed:
+                    self._top_up(handle)  # an abandoned run's answer made room for the current run
 
     def read(self, handle: WorkerHandle) -> None:
         self.read_all()
