@@ -8,7 +8,10 @@ batch. Which worker makes a task never changes what is delivered, only when.
 A worker holds at most ``lookahead`` tasks it has not answered yet, and never more than its ring can take
 (answered records wait in slots): so a slow element holds up only the few tasks queued behind it, and
 memory stays fixed. Ordered delivery waits for the lowest task not yet delivered; the reorder window is
-every worker's ring. Policies only: the supervisor sends what `Dispatcher.assign` decides.
+every worker's ring. First-ready tops a worker up only once half of what it may hold is free, so that
+tasks travel several to a message: each message wakes the worker, and waking it costs more than the
+message. Policies only: the supervisor sends what `Dispatcher.assign` decides, a message per worker
+for each `assign`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .supervisor import Record, Supervisor, WorkerHandle
+from .supervisor import Supervisor, WorkerHandle
 
 _MUCH_LATER = 1.5  # ordered: a task waits rather than go to a worker expected to finish it this much later
 
@@ -88,25 +91,53 @@ class Dispatcher:
         return [int(i) for i in self.positions[task * batch : (task + 1) * batch]]
 
     def assign(self, supervisor: Supervisor) -> None:
-        """Send tasks to the workers with room. Ordered, each task goes to the worker expected to finish it
-        first, by its measured pace, and waits when that worker has no room: a slow worker then takes a
-        share that matches its pace, instead of holding up the order. First-ready, to the least busy."""
+        """Send tasks to the workers with room, every worker's in one message. Ordered, each task goes to
+        the worker expected to finish it first, by its measured pace, and waits when that worker has no
+        room: a slow worker then takes a share that matches its pace, instead of holding up the order.
+        First-ready, to the least busy."""
         handles = [h for h in supervisor.handles[: self.active] if not h.gone]
-        while self.next_task < self.count and handles:
+        if self.next_task >= self.count or not handles:
+            return
+        try:
             if self.ordered:
-                handle = self._fastest_with_room(supervisor, handles)
-                if handle is None:
-                    return
+                self._assign_ordered(supervisor, handles)
             else:
-                handle = min(handles, key=_load)
-                if handle.pending_tasks >= self.lookahead or _load(handle) >= _room(handle, self.depth):
+                self._assign_first_ready(supervisor, handles)
+        finally:
+            supervisor.flush_tasks()
+
+    def _assign_ordered(self, supervisor: Supervisor, handles: list[WorkerHandle]) -> None:
+        while self.next_task < self.count:
+            handle = self._fastest_with_room(supervisor, handles)
+            if handle is None:
+                return
+            self._send(supervisor, handle)
+
+    def _assign_first_ready(self, supervisor: Supervisor, handles: list[WorkerHandle]) -> None:
+        """Least busy first, a worker gets tasks once it has as many free places as taken ones, and then
+        as many as it may hold, in one message: it wakes for every other task instead of every one."""
+        depth, lookahead = self.depth, self.lookahead
+        hungry = []
+        for handle in handles:  # live workers: their inboxes hold records only (see `_load`)
+            pending = handle.pending_tasks
+            load = pending + len(handle.inbox)
+            free = min((handle.granted or depth) - load, lookahead - pending)
+            if free >= load and free > 0:
+                hungry.append((load, handle.index, free, handle))
+        hungry.sort()
+        for _, _, free, handle in hungry:
+            for _ in range(free):
+                if self.next_task >= self.count:
                     return
-            task = self.next_task
-            supervisor.send_task(handle, task, self.indices(task))
-            self.assigned[task] = handle.index
+                self._send(supervisor, handle)
+
+    def _send(self, supervisor: Supervisor, handle: WorkerHandle) -> None:
+        task = self.next_task
+        supervisor.send_task(handle, task, self.indices(task))
+        self.assigned[task] = handle.index
+        self.next_task += 1
+        while self.next_task in self.base_done:
             self.next_task += 1
-            while self.next_task in self.base_done:
-                self.next_task += 1
 
     def _fastest_with_room(self, supervisor: Supervisor, handles: list[WorkerHandle]) -> WorkerHandle | None:
         """The worker expected to finish a new task first, by its pace. When its ring is full of records
@@ -154,8 +185,9 @@ def _room(handle: WorkerHandle, depth: int) -> int:
 
 
 def _load(handle: WorkerHandle) -> int:
-    """Tasks the worker still holds plus records of it waiting in the consumer: slots it needs."""
-    return handle.pending_tasks + sum(1 for entry in handle.inbox if type(entry) is Record)
+    """Tasks the worker still holds plus records of it waiting in the consumer: slots it needs. (A
+    random-access worker's inbox holds only records, but for a failure or exit, which comes last.)"""
+    return handle.pending_tasks + len(handle.inbox) - handle.failed
 
 
 def encode_done(position: int, done: frozenset[int]) -> str:

@@ -25,9 +25,11 @@ Consumer to worker:
     EPOCH    run u32, epoch u32, start u64
                                        start epoch ``epoch`` as run ``run``; a generator source's shard
                                        begins at its element ``start`` (a resume), the ones before unsent
-    TASK     run u32, seq u64, index u64 ...
-                                       random access: make one record of ``source[index]`` for these
-                                       indices (one element, or one batch); ``seq`` orders the records
+    TASK     run u32, then for each task: seq u64, count u32, index u64 x count
+                                       random access: for each task, make one record of
+                                       ``source[index]`` for its indices (one element, or one batch);
+                                       ``seq`` orders the records. One message carries every task the
+                                       consumer hands the worker at once: each message wakes the worker
     STOP                               close the source and exit
 
 Consumer to fork server:  FORK + pickled WorkerSetup, then the worker's pipe end as an SCM_RIGHTS fd
@@ -53,7 +55,8 @@ _FILLED = struct.Struct("<IIQ")
 _END = struct.Struct("<IQ")
 _INLINE = struct.Struct("<IQI")
 _EPOCH = struct.Struct("<IIQ")
-_TASK = struct.Struct("<IQ")
+_TASK_RUN = struct.Struct("<I")
+_TASK = struct.Struct("<QI")
 _TIMES = struct.Struct("<ddd")
 NO_SLOT = 0xFFFFFFFF
 FORK, PID, EXITED = b"K", b"P", b"Q"
@@ -179,15 +182,26 @@ def read_epoch(message: bytes) -> tuple[int, int, int]:
     return _EPOCH.unpack_from(message, 1)
 
 
-def task(run: int, seq: int, indices) -> bytes:
-    return TASK + _TASK.pack(run, seq) + struct.pack(f"<{len(indices)}Q", *indices)
+def tasks(run: int, batch: list[tuple[int, list[int]]]) -> bytes:
+    """One TASK message for ``batch``, a list of ``(seq, indices)``."""
+    parts = [TASK, _TASK_RUN.pack(run)]
+    for seq, indices in batch:
+        parts.append(_TASK.pack(seq, len(indices)))
+        parts.append(struct.pack(f"<{len(indices)}Q", *indices))
+    return b"".join(parts)
 
 
-def read_task(message: bytes) -> tuple[int, int, tuple[int, ...]]:
-    """``(run, seq, indices)``."""
-    run, seq = _TASK.unpack_from(message, 1)
-    count = (len(message) - 1 - _TASK.size) // 8
-    return run, seq, struct.unpack_from(f"<{count}Q", message, 1 + _TASK.size)
+def read_tasks(message: bytes) -> tuple[int, list[tuple[int, tuple[int, ...]]]]:
+    """``(run, [(seq, indices), ...])``."""
+    (run,) = _TASK_RUN.unpack_from(message, 1)
+    batch = []
+    offset = 1 + _TASK_RUN.size
+    while offset < len(message):
+        seq, count = _TASK.unpack_from(message, offset)
+        offset += _TASK.size
+        batch.append((seq, struct.unpack_from(f"<{count}Q", message, offset)))
+        offset += 8 * count
+    return run, batch
 
 
 class Readable:

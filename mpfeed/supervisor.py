@@ -100,6 +100,7 @@ class WorkerHandle:
     reserve: list = field(default_factory=list)  # the ring's other slots, granted when views linger
     exitcode: int | None = None
     credits: list = field(default_factory=list)  # freed slots not yet sent back
+    outgoing: list = field(default_factory=list)  # (task, indices) sent with the next `flush_tasks`
     times: tuple[float, float, float] = (0.0, 0.0, 0.0)  # busy, blocked, idle seconds, as it last said
     node: str | None = None  # where a remote worker runs (a Ray node's address); None: this host
     usage: tuple[float, int] | None = None  # a remote worker's CPU seconds and resident bytes, as it said
@@ -126,6 +127,8 @@ class Supervisor:
         self.depth_grows = 0  # slots granted beyond depth because views lingered
         self.closed = False
         self.handles: list[WorkerHandle] = []
+        self._outgoing: list[WorkerHandle] = []  # workers with tasks for `flush_tasks` to send
+        self.task_messages = 0  # TASK messages sent (each carries one or more tasks)
         self.server: launcher.ForkServer | None = None
         self.version = 0  # changes whenever the set of pipes to watch changes
         self.ring_memory: str | None = None  # the kind of the rings, decided with the first one
@@ -213,11 +216,22 @@ class Supervisor:
         self.flush_credits()
 
     def send_task(self, handle: WorkerHandle, task: int, indices: list[int]) -> None:
-        """Ask a worker of a random-access source to make task ``task`` of the current run."""
-        self._send(handle, protocol.task(self.run, task, indices))
+        """Ask a worker of a random-access source to make task ``task`` of the current run. The task
+        waits with the worker's others until `flush_tasks`, which sends them in one message."""
+        if not handle.outgoing:
+            self._outgoing.append(handle)
+        handle.outgoing.append((task, indices))
         if not handle.pending_tasks:
             handle.busy_since = time.monotonic()
         handle.pending_tasks += 1
+
+    def flush_tasks(self) -> None:
+        """Send every task `send_task` holds: one message per worker, whose every message wakes it."""
+        outgoing, self._outgoing = self._outgoing, []
+        for handle in outgoing:
+            batch, handle.outgoing = handle.outgoing, []
+            self._send(handle, protocol.tasks(self.run, batch))
+            self.task_messages += 1
 
     def release(self, handle: WorkerHandle, record: Record) -> None:
         """Give back the slot credit a record holds, if any."""

@@ -394,9 +394,9 @@ class _Worker:
             if tag == protocol.CREDIT:
                 self.free.extend(protocol.read_credit(message))
             elif tag == protocol.TASK:
-                run, seq, indices = protocol.read_task(message)
+                run, batch = protocol.read_tasks(message)
                 if run == self.run_number:
-                    self.tasks.append((seq, indices))
+                    self.tasks.extend(batch)
             elif tag == protocol.EPOCH:
                 run, epoch, start = protocol.read_epoch(message)
                 if not self.indexed:
