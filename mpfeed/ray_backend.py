@@ -249,6 +249,9 @@ class RaySupervisor(Supervisor):
             handle.busy_since = time.monotonic()
         handle.pending_tasks += 1
 
+    def flush_tasks(self) -> None:
+        pass  # each task is its own call, made by `send_task`
+
     def release(self, handle: WorkerHandle, record: Record) -> None:
         """A record was taken: its actor may make another."""
         if not self.config.indexed:
