@@ -168,6 +168,7 @@ def measure(
         "startup_s": built - started,
         "first_s": first - started - trace_s,
         "elements": count,
+        "window": [window_count, count],  # the elements the rate was measured over, in delivery order
         "consumed": consumed,
         **({"trace_s": trace_s} if consumed == IN_GRAPH else {}),
         **notes,
