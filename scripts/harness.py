@@ -243,11 +243,16 @@ def run(plan: Plan) -> None:
 
 
 def run_schedule(
-    schedule: dict[str, list[tuple[str, Callable[[], dict]]]], reps: int, results: dict, desc: str = "bench"
+    schedule: dict[str, list[tuple[str, Callable[[], dict]]]],
+    reps: int,
+    results: dict,
+    desc: str = "bench",
+    between: Callable[[], None] | None = None,
 ) -> list[float]:
     """Run every row of ``schedule`` (group -> [(row name, thunk)]) once per repetition, the rows of each
     group in an order rotated between repetitions, with progress; ``results[group][row]`` collects one
-    measurement per repetition. Gives the seconds each repetition took."""
+    measurement per repetition. ``between`` runs after each row (default `settle`: wait for the row's
+    processes to exit). Gives the seconds each repetition took."""
     from tqdm import tqdm
 
     durations = []
@@ -266,7 +271,7 @@ def run_schedule(
                         result = {"error": f"{type(error).__name__}: {error}"}
                         progress.write(f"{group} / {name}: {result['error']}", file=sys.stderr)
                     finally:
-                        settle()
+                        (between or settle)()
                         faulthandler.cancel_dump_traceback_later()
                     results.setdefault(group, {}).setdefault(name, []).append(result)
                     progress.update()

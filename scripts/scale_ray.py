@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import faulthandler
 import functools
 import os
 import signal
@@ -45,7 +44,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # nodes bind to 127.0.0.1
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SCRIPTS, os.environ.get("PYTHONPATH")]))
 
 import numpy as np  # noqa: E402
-from harness import HANG_S, Timing, measure, touch  # noqa: E402
+from harness import Timing, measure, run_schedule, touch  # noqa: E402
 from report import machine, warn_if_engine_changed, write_results  # noqa: E402
 from workloads import (  # noqa: E402
     ENDLESS,
@@ -170,32 +169,6 @@ class Processes:
         print(f"warning: a run's actors or processes were still there after {timeout_s:g} s", file=sys.stderr)
 
 
-def run_schedule(
-    schedule: dict[str, list[tuple[str, Callable[[], dict]]]], reps: int, processes: Processes, progress: Any
-) -> dict:
-    """`harness.run_schedule`'s interleaving (every row once per repetition, rotated), waiting between
-    rows for the cluster's resources to come back instead of for child processes to exit (the cluster's
-    daemons are children of this process for the whole run)."""
-    results: dict = {}
-    for rep in range(reps):
-        for group, rows in schedule.items():
-            shift = rep % len(rows)
-            for name, thunk in rows[shift:] + rows[:shift]:
-                progress.set_postfix_str(f"rep {rep + 1}/{reps} {group} {name}")
-                faulthandler.dump_traceback_later(HANG_S, exit=True)
-                try:
-                    result = thunk()
-                except Exception as error:  # one broken row must not hide the others
-                    result = {"error": f"{type(error).__name__}: {error}"}
-                    progress.write(f"{group} / {name}: {result['error']}", file=sys.stderr)
-                finally:
-                    faulthandler.cancel_dump_traceback_later()
-                    processes.settle()
-                results.setdefault(group, {}).setdefault(name, []).append(result)
-                progress.update()
-    return results
-
-
 def stats(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
 
@@ -318,21 +291,25 @@ def compare_rows(actors: int, rows: int, timing: Timing) -> list[tuple[str, Call
     return schedule
 
 
-def summarize_rows(results: dict) -> dict:
+def summarize_each(results: dict, summarize: Callable[[list[dict]], dict]) -> dict:
+    """row -> ``summarize(the repetitions that worked)`` with their count, or the first error."""
     summary = {}
     for name, reps in results.items():
         ok = [r for r in reps if "error" not in r]
-        if not ok:
-            summary[name] = {"error": reps[0]["error"]}
-            continue
-        summary[name] = {
+        summary[name] = {**summarize(ok), "reps": len(ok)} if ok else {"error": reps[0]["error"]}
+    return summary
+
+
+def summarize_rows(results: dict) -> dict:
+    return summarize_each(
+        results,
+        lambda ok: {
             "rate": stats([r["rate"] for r in ok]),
             "startup_s": statistics.median(r["startup_s"] for r in ok),
             "first_s": statistics.median(r["first_s"] for r in ok),
             "consumed": ok[0]["consumed"],
-            "reps": len(ok),
-        }
-    return summary
+        },
+    )
 
 
 def compare_table(summary: dict, actors: int) -> str:
@@ -477,18 +454,8 @@ def overhead_rows(
 
 
 def summarize_overhead(results: dict) -> dict:
-    summary = {}
-    for label, reps in results.items():
-        ok = [r for r in reps if "error" not in r]
-        if not ok:
-            summary[label] = {"error": reps[0]["error"]}
-            continue
-        summary[label] = {
-            key: stats([r[key] for r in ok])
-            for key in ("rate", "wall_us", "consumer_us", "workers_us", "ray_us")
-        }
-        summary[label]["reps"] = len(ok)
-    return summary
+    keys = ("rate", "wall_us", "consumer_us", "workers_us", "ray_us")
+    return summarize_each(results, lambda ok: {key: stats([r[key] for r in ok]) for key in keys})
 
 
 def overhead_table(summary: dict) -> str:
@@ -571,7 +538,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tqdm import tqdm
 
     args = parse_args(argv)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
@@ -617,9 +583,10 @@ def main(argv: list[str] | None = None) -> None:
             schedule["io-5ms"] = compare_rows(compare_actors, rows, timing)
         if "overhead" in parts:
             schedule["overhead"] = overhead_rows(overhead_actors, cost_timing, processes)
-        total = reps * sum(len(r) for r in schedule.values())
-        with tqdm(total=total, desc="scale-ray", unit="run", file=sys.stderr, dynamic_ncols=True) as progress:
-            raw = run_schedule(schedule, reps, processes, progress)
+        raw: dict = {}
+        # Between rows, wait for the cluster's resources to come back, not for child processes to exit:
+        # the cluster's daemons are children of this process for the whole run.
+        run_schedule(schedule, reps, raw, desc="scale-ray", between=processes.settle)
     warn_if_engine_changed(info)
     scaling = summarize_scaling(raw.get("io", {}), counts) if "io" in parts else None
     compare = summarize_rows(raw.get("io-5ms", {})) if "compare" in parts else None
