@@ -170,7 +170,8 @@ class RaySupervisor(Supervisor):
             options["scheduling_strategy"] = backend.scheduling_strategy
         if backend.runtime_env is not None:
             options["runtime_env"] = backend.runtime_env
-        actor_class = ray.remote(ActorWorker).options(**options)
+        # "control": a thread of its own, so that a new run is heard while the queued calls wait.
+        actor_class = ray.remote(concurrency_groups={"control": 1})(ActorWorker).options(**options)
         for offset in range(config.workers):
             setup = protocol.WorkerSetup(
                 index=config.partition[0] * config.workers + offset,
@@ -217,13 +218,18 @@ class RaySupervisor(Supervisor):
 
     def start_epoch(self, number: int, starts: list[int] | None = None) -> None:
         """Start a new run of epoch ``number``; a generator actor ``k`` begins at element ``starts[k]``.
-        Calls of the old run still in flight are answered and dropped."""
+        The actor hears of the new run at once, beside the calls queued for it: those of the old run are
+        then answered STALE without any work (the one it is on finishes), and they count against
+        ``depth`` until they are answered."""
         self.epoch = number
         self.run += 1
-        for handle in self.handles:
-            _actor(handle).ended_run = handle.ended = False
+        for worker in self.handles:
+            handle = _actor(worker)
+            handle.ended_run = handle.ended = False
             handle.produced = 0
-            handle.pending_tasks = 0
+            if handle.calls and not handle.gone:  # the actor answers them STALE instead of working
+                handle.actor.begin_run.options(concurrency_group="control").remote(self.run)
+            handle.pending_tasks = len(handle.calls)  # random access: the room they take (see `read_all`)
             failure = handle.inbox[-1] if handle.failed else None
             handle.inbox.clear()
             if failure is not None:
@@ -296,15 +302,18 @@ class RaySupervisor(Supervisor):
         for handle in map(_actor, self.handles):
             while handle.calls and not handle.gone and handle.calls[0][1] in done:
                 run, ref = handle.calls.popleft()
+                if run != self.run:  # an abandoned run's call, answered or cancelled: it made room
+                    if self.config.indexed:
+                        handle.pending_tasks -= 1
+                    else:
+                        self._top_up(handle)
+                    continue  # a dead actor shows in the current run's calls
                 try:
                     answer = ray.get(ref)
                 except ray.exceptions.RayError as error:
                     self._died(handle, error)
                     break
-                if run == self.run:
-                    self._take(handle, answer)
-                elif not self.config.indexed:
-                    self._top_up(handle)  # an abandoned run's answer made room for the current run
+                self._take(handle, answer)
 
     def read(self, handle: WorkerHandle) -> None:
         self.read_all()

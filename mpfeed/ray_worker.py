@@ -12,7 +12,6 @@ before the user's code is unpickled), and it imports Ray only for the node's ide
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import time
@@ -37,6 +36,7 @@ class ActorWorker:
         self.setup = setup
         self.encoder = Encoder()
         self.run = -1
+        self.newest_run = 0  # the newest run the consumer began (see `begin_run`)
         self.epoch = 0
         self.production: ShardEpoch | None = None
         self.steps: Any = None
@@ -56,6 +56,11 @@ class ActorWorker:
         context = ray.get_runtime_context()
         return context.get_node_id(), ray.util.get_node_ip_address(), os.getpid()
 
+    def begin_run(self, run: int) -> None:
+        """Called in the "control" concurrency group, beside the queued calls: the consumer began run
+        ``run``, so calls of older runs still queued are answered `STALE` without any work."""
+        self.newest_run = max(self.newest_run, run)
+
     # -- generator sources ---------------------------------------------------------------------------
 
     def next(self, run: int, epoch: int, start: int) -> tuple:
@@ -63,7 +68,7 @@ class ActorWorker:
         run closes the old one and begins the epoch; an older one is answered `STALE`."""
         began = time.monotonic()
         try:
-            if run < self.run:
+            if run < self.run or run < self.newest_run:
                 return (STALE,)
             if self.failure is None and run > self.run:
                 self._begin(run, epoch, start)
@@ -84,6 +89,8 @@ class ActorWorker:
 
     def _begin(self, run: int, epoch: int, start: int) -> None:
         self._close_steps()
+        if self.failure is not None:
+            return  # the old run's clean-up failed: that is the answer now
         self.run, self.epoch = run, epoch
         setup = self.setup
         shard = Shard(setup.index, setup.count, epoch, shard_seed(setup.seed, setup.index, epoch), start)
@@ -93,10 +100,17 @@ class ActorWorker:
         self.steps = self.production.steps()
 
     def _close_steps(self) -> None:
-        if self.steps is not None:
-            with contextlib.suppress(BaseException):
-                self.steps.close()
-            self.steps = None
+        """Close the shard's generator; an exception from the source's own clean-up (a ``finally`` that
+        raises, or exits) is its failure, as in a local worker."""
+        steps, self.steps = self.steps, None
+        if steps is None:
+            return
+        try:
+            steps.close()
+        except BaseException as error:
+            if self.failure is None:
+                produced = self.production.produced if self.production is not None else 0
+                self.failure = describe_failure("source", error, element=produced, epoch=self.epoch)
 
     # -- random-access sources -----------------------------------------------------------------------
 
@@ -104,6 +118,8 @@ class ActorWorker:
         """The record of ``source[i]`` for these indices (one element, or one batch): task ``seq``."""
         began = time.monotonic()
         try:
+            if run < self.newest_run:
+                return (STALE,)
             if self.failure is not None:
                 return (FAILED, self.failure)
             self.run, self.epoch = run, epoch

@@ -307,24 +307,27 @@ class Arrays:
         return np.full(self.size, index, dtype=np.float32)
 
 
-def logs_what_it_makes(n, path, shard):
-    """Appends a line to ``path`` for every element it makes: how far a worker runs ahead."""
+def logs_what_it_makes(n, path, shard, seconds=0.0):
+    """Appends "epoch index" to ``path`` for every element it makes (each taking ``seconds``): how far a
+    worker runs ahead, and what it makes for an epoch that was abandoned."""
     for i in range(shard.index, n, shard.count):
+        time.sleep(seconds)
         with open(path, "a") as log:
-            log.write(f"{i}\n")
+            log.write(f"{shard.epoch} {i}\n")
         yield np.full(4, i, dtype=np.int64), i
 
 
 class LogsWhatItMakes:
-    """The random-access form of `logs_what_it_makes`."""
+    """The random-access form of `logs_what_it_makes` (it logs the index alone)."""
 
-    def __init__(self, n, path):
-        self.n, self.path = n, path
+    def __init__(self, n, path, seconds=0.0):
+        self.n, self.path, self.seconds = n, path, seconds
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, index):
+        time.sleep(self.seconds)
         with open(self.path, "a") as log:
             log.write(f"{index}\n")
         return np.full(4, index, dtype=np.int64), index

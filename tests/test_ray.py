@@ -214,9 +214,39 @@ def test_an_actor_runs_at_most_depth_records_ahead_of_the_consumer(cluster, tmp_
         stream = iter(feeder)
         taken = [next(stream) for _ in range(10)]
         time.sleep(2.0)  # room for the actors to run ahead, if anything let them
-        made = len(log.read_text().split())
+        made = len(log.read_text().splitlines())
     assert len(taken) == 10
     assert 10 <= made <= 10 + 2 * 3  # what was taken, plus depth per actor
+
+
+@pytest.mark.parametrize("kind", ["generator", "random-access"])
+def test_an_abandoned_epoch_s_queued_work_is_never_made(cluster, tmp_path, kind):
+    """Leaving an epoch after one element (a break, take(n), validation on the same dataset): the calls
+    still queued at the actor are cancelled, so it makes at most the element it was on, and the next
+    epoch does not wait behind a depth's worth of work nobody wants."""
+    log = tmp_path / "made"
+    log.touch()
+    if kind == "generator":
+        source, options = sources.logs_what_it_makes, dict(args=(100, str(log)), kwargs={"seconds": 0.3})
+    else:
+        source, options = sources.LogsWhatItMakes(100, str(log), 0.3), {}
+    with mpfeed.Feeder(source, workers=1, depth=6, backend=_on_ray(), **options) as feeder:
+        next(iter(feeder))  # epoch 0: one element, then abandoned
+        next(iter(feeder))  # epoch 1
+        lines = log.read_text().split()
+    if kind == "generator":
+        made_for_epoch_0 = sum(1 for line in log.read_text().splitlines() if line.startswith("0 "))
+    else:  # the random-access order is 0, 1, 2, ... again in epoch 1: count the first pass's run
+        made_for_epoch_0 = lines.index("0", 1) if lines.count("0") > 1 else len(lines)
+    assert 1 <= made_for_epoch_0 <= 3, f"{made_for_epoch_0} elements made for an abandoned epoch at depth 6"
+
+
+def test_a_source_that_exits_while_its_epoch_is_abandoned_is_a_worker_died_error(cluster):
+    with mpfeed.Feeder(sources.faulty, args=(40, "close", "exit3"), workers=2, backend=_on_ray()) as feeder:
+        stream = iter(feeder)
+        [next(stream) for _ in range(3)]
+        with pytest.raises(mpfeed.WorkerDiedError, match=r"worker 1 .* exited with code 3"):
+            list(feeder)  # the next epoch closes the old one's generator, which calls sys.exit(3)
 
 
 # -- failures -----------------------------------------------------------------------------------------
