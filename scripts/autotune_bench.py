@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from harness import Pipeline, Timing, measure, run_schedule, touch, usable_cores
-from report import machine, warn_if_engine_changed, write_results
+from report import figure_grid, machine, save_figure, warn_if_engine_changed, write_results
 from workloads import CHEAP_COST_S, IO_SLEEP_S, AutotuneItems
 
 import mpfeed
@@ -299,14 +299,10 @@ def describe_changes(results: dict) -> str:
 
 
 def plot(summary: dict, results: dict, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    count = len(summary)
+    figure, axes = figure_grid(2, count, (5.0, 3.3))
     from matplotlib.ticker import MaxNLocator
 
-    count = len(summary)
-    figure, axes = plt.subplots(2, count, figsize=(5.0 * count, 6.6), squeeze=False)
     for column, (group, entry) in enumerate(summary.items()):
         ax = axes[0][column]
         measured = {n: r for n, r in entry["rows"].items() if "rate" in r}
@@ -335,10 +331,7 @@ def plot(summary: dict, results: dict, path: str, title: str) -> None:
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, title, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

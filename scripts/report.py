@@ -189,16 +189,31 @@ def warn_if_engine_changed(info: dict) -> None:
         print(f"WARNING: {info['warning']}", file=sys.stderr)
 
 
-def plot(summary: dict, path: Path, title: str) -> None:
+def figure_grid(rows: int, columns: int, cell: tuple[float, float]) -> tuple[Any, Any]:
+    """A headless matplotlib figure and its axes, always rows x columns, each ``cell`` inches (w, h)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(rows, columns, figsize=(cell[0] * columns, cell[1] * rows), squeeze=False)
+
+
+def save_figure(figure: Any, title: str, path: Path) -> None:
+    """Title the figure, write it as a PNG and free it."""
+    import matplotlib.pyplot as plt
+
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
     count = len(summary)
     columns = min(3, count)
     rows = -(-count // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.6 * rows), squeeze=False)
+    figure, axes = figure_grid(rows, columns, (5.2, 3.6))
     for ax, (name, entry) in zip(axes.flat, summary.items()):
         names = [n for n in ordered_rows(entry["rows"]) if "rate_min" in entry["rows"][n]]
         rates = [entry["rows"][n]["rate"] for n in names]
@@ -220,10 +235,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[count:]:
         ax.axis("off")
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, title, path)
 
 
 def write_results(prefix: str, document: dict, default: Callable[[Any], Any] = str) -> Path:

@@ -32,7 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 from harness import Contender, Pipeline, Timing, measure, settle, touch, usable_cores  # noqa: E402
 from limits import one_core  # noqa: E402
-from report import machine, warn_if_engine_changed, write_results  # noqa: E402
+from report import figure_grid, machine, save_figure, warn_if_engine_changed, write_results  # noqa: E402
 from workloads import ENDLESS, IO_SLEEP_S, WORKLOADS, Workload  # noqa: E402
 
 import mpfeed  # noqa: E402
@@ -321,13 +321,8 @@ def costs_table(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Any, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     columns = len(summary)
-    figure, axes = plt.subplots(2, columns, figsize=(5 * columns, 7), squeeze=False)
+    figure, axes = figure_grid(2, columns, (5, 3.5))
     for column, (name, entry) in enumerate(summary.items()):
         counts = list(entry["ideal"])
         top, bottom = axes[0][column], axes[1][column]
@@ -348,10 +343,7 @@ def plot(summary: dict, path: Any, title: str) -> None:
         bottom.set_ylabel("% of ideal")
         bottom.set_ylim(0, 110)
         top.legend(fontsize=7)
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, title, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from importlib import metadata
 
 from harness import Pipeline, Timing, measure, run_schedule
-from report import machine, warn_if_engine_changed, write_results
+from report import figure_grid, machine, save_figure, warn_if_engine_changed, write_results
 from workloads import (
     NO_WAIT,
     STRAGGLER_LENGTH,
@@ -280,12 +280,7 @@ def table(summary: dict, workers: int) -> str:
 
 
 def plot(summary: dict, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(summary), figsize=(5.2 * len(summary), 3.8), squeeze=False)
+    figure, axes = figure_grid(1, len(summary), (5.2, 3.8))
     for ax, (pattern, entry) in zip(axes.flat, summary.items()):
         measured = {key: row for key, row in entry["rows"].items() if "rate" in row}
         names = list(measured)
@@ -301,10 +296,7 @@ def plot(summary: dict, path: str, title: str) -> None:
         ax.set_title(pattern, fontsize=10)
         ax.set_xlabel("elements/s (median, min-max)", fontsize=8)
         ax.tick_params(labelsize=7)
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, title, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
