@@ -457,6 +457,15 @@ class _BatchCounter:
         self.callback = Callback()
 
 
+def _pairs_for_keras(tf, feeder, n: int, batch: int):
+    """The feeder's `sources.pairs` as (features, binary label) batches for `_tiny_model`."""
+    return (
+        feeder.dataset()
+        .batch(batch)
+        .map(lambda x, y: (tf.reshape(tf.cast(x, tf.float32), (-1, 64)) / n, tf.cast(y % 2, tf.float32)))
+    )
+
+
 def test_model_fit_with_the_same_dataset_for_validation_works():
     """Plain tf.data allows ``fit(ds, validation_data=ds)``: Keras runs each epoch's training iterator to
     its end, then a fresh iterator for validation. (This passed on the old code too: it guards a fix
@@ -465,11 +474,7 @@ def test_model_fit_with_the_same_dataset_for_validation_works():
     keras = pytest.importorskip("keras")
     n, batch = 2000, 32  # 63 batches, the last one short
     with mpfeed.Feeder(sources.pairs, args=(n,), workers=2) as feeder:
-        ds = (
-            feeder.dataset()
-            .batch(batch)
-            .map(lambda x, y: (tf.reshape(tf.cast(x, tf.float32), (-1, 64)) / n, tf.cast(y % 2, tf.float32)))
-        )
+        ds = _pairs_for_keras(tf, feeder, n, batch)
         counter = _BatchCounter(keras)
         with _keras_warnings_ignored():
             history = _tiny_model(keras).fit(
@@ -489,11 +494,7 @@ def test_model_fit_with_steps_per_epoch_and_the_same_validation_dataset_works_or
     keras = pytest.importorskip("keras")
     n, batch = 2000, 32
     with mpfeed.Feeder(sources.pairs, args=(n,), workers=2) as feeder:
-        ds = (
-            feeder.dataset()
-            .batch(batch)
-            .map(lambda x, y: (tf.reshape(tf.cast(x, tf.float32), (-1, 64)) / n, tf.cast(y % 2, tf.float32)))
-        )
+        ds = _pairs_for_keras(tf, feeder, n, batch)
         counter = _BatchCounter(keras)
         try:
             with _keras_warnings_ignored():
