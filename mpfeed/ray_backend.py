@@ -26,7 +26,6 @@ from .errors import WorkerDiedError, WorkerError
 from .ray_worker import END, FAILED, RECORD, STALE, ActorWorker
 from .supervisor import (
     End,
-    Exited,
     Record,
     Supervisor,
     WorkerConfig,
@@ -235,7 +234,7 @@ class RaySupervisor(Supervisor):
             if failure is not None:
                 handle.inbox.append(failure)
             elif not handle.gone and not self.config.indexed:
-                _actor(handle).start = starts[handle.index] if starts else 0
+                handle.start = starts[handle.index] if starts else 0
                 self._top_up(handle)
 
     def _top_up(self, worker: WorkerHandle) -> None:
@@ -302,7 +301,7 @@ class RaySupervisor(Supervisor):
         for handle in map(_actor, self.handles):
             while handle.calls and not handle.gone and handle.calls[0][1] in done:
                 run, ref = handle.calls.popleft()
-                if run != self.run:  # an abandoned run's call, answered or cancelled: it made room
+                if run != self.run:  # an abandoned run's call (answered STALE, or made before): room
                     if self.config.indexed:
                         handle.pending_tasks -= 1
                     else:
@@ -314,9 +313,6 @@ class RaySupervisor(Supervisor):
                     self._died(handle, error)
                     break
                 self._take(handle, answer)
-
-    def read(self, handle: WorkerHandle) -> None:
-        self.read_all()
 
     def _take(self, handle: ActorHandle, answer: tuple) -> None:
         kind = answer[0]
@@ -359,17 +355,6 @@ class RaySupervisor(Supervisor):
     def _who(self, handle: WorkerHandle) -> str:
         node_id = _actor(handle).node_id[:8]
         return f"worker {handle.index} (Ray actor, pid {handle.pid} on node {handle.node} {node_id})"
-
-    def mark_exited(self, handle: WorkerHandle) -> None:
-        handle.gone = True
-        handle.inbox.append(Exited(None))
-
-    def error(self, handle: WorkerHandle, entry: WorkerError | Exited) -> WorkerError:
-        if isinstance(entry, WorkerError):
-            return entry
-        return WorkerDiedError(
-            f"worker {handle.index} ended", worker=handle.index, pid=handle.pid, node=handle.node
-        )
 
     def add_workers(self, count: int) -> None:
         raise NotImplementedError("the Ray backend has a fixed number of workers")
