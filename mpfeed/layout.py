@@ -42,6 +42,14 @@ def align(n: int) -> int:
     return (n + ALIGN - 1) & ~(ALIGN - 1)
 
 
+def aligned_empty(nbytes: int) -> np.ndarray:
+    """A new uint8 array of ``nbytes`` whose start is 64-byte aligned, as a record's must be for its
+    leaves to be (numpy allocates at 16 or 32 bytes mod 64)."""
+    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start : start + nbytes]
+
+
 def flatten(element: Any) -> tuple[Treedef, list]:
     """Split an element into its structure and its leaves (depth first, dict keys in insertion order)."""
     if not isinstance(element, _NESTS):

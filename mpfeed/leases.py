@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .layout import Decoder
+from .layout import Decoder, aligned_empty
 from .supervisor import Record, Supervisor, WorkerHandle
 
 
@@ -138,8 +138,6 @@ def _release_callback(releases: Releases, key: tuple[int, int]) -> Callable[[Any
 
 def readonly_copy(data) -> np.ndarray:
     """A 64-byte-aligned copy of a record that stays read-only, like views of a slot."""
-    raw = np.empty(len(data) + 64, dtype=np.uint8)
-    start = -raw.ctypes.data % 64
-    copy = raw[start : start + len(data)]
+    copy = aligned_empty(len(data))
     copy[:] = np.frombuffer(data, dtype=np.uint8)
     return np.frombuffer(copy.data.toreadonly(), dtype=np.uint8)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import protocol, tfguard
-from .layout import Encoder
+from .layout import Encoder, aligned_empty
 from .shard import Shard, shard_seed
 from .worker import ShardEpoch, SourceFailed, describe_failure, task_items
 
@@ -141,9 +141,7 @@ class ActorWorker:
             record = self.encoder.prepare(items, first, batched)
         except (TypeError, ValueError) as error:
             raise _Refused(error, first) from None
-        raw = np.empty(record.nbytes + 64, dtype=np.uint8)
-        offset = -raw.ctypes.data % 64
-        buffer = raw[offset : offset + record.nbytes]
+        buffer = aligned_empty(record.nbytes)
         record.write(buffer)
         return buffer
 
