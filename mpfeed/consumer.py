@@ -12,6 +12,7 @@ broken (`BrokenError`), never silently wrong. Ordering policies live in `mpfeed.
 from __future__ import annotations
 
 import contextlib
+import logging
 import select
 import threading
 import time
@@ -25,6 +26,7 @@ from .dispatch import Dispatcher, EpochOrder, decode_done, encode_done
 from .errors import BrokenError, ClosedError, ShmSpaceError, SupersededError, WorkerError, WorkerTimeoutError
 from .leases import Leases, Releases
 from .ordering import FirstReady, RoundRobin, Window
+from .progress import ShardProgress, TaskProgress, TooFarBack
 from .state import FORMAT, check_state
 from .supervisor import Record, Supervisor, WorkerConfig, WorkerHandle
 
@@ -39,6 +41,8 @@ _ORDERED_LOOKAHEAD = 2
 _REMOTE_WAIT_SLICE_S = 0.1  # remote workers are waited for in slices, since close() cannot wake that wait
 _LOCK_WAIT_S = 10.0  # for the thread taking an element to let go (it does within a wait slice)
 _SHUTDOWN_JOIN_S = 15.0  # for a background shutdown to finish its grace periods
+_EPOCHS_KEPT = 4  # epochs whose positions stay known: tf.data may prefetch a few epochs ahead of the model
+_log = logging.getLogger("mpfeed")
 EPOCH_END = object()
 _SUPERSEDED = (
     "this iteration of the feeder was superseded by a newer one: a feeder serves one pass at a time (each "
@@ -66,16 +70,24 @@ class Consumer:
         shuffle: bool,
         autotune: tuple[int, int] | None = None,
         backend: RayBackend | None = None,
+        remainder: str = "pad",
     ) -> None:
         """``autotune``: ``(usable cores, max_workers)`` to adjust the workers of a random-access source;
-        ``backend``: where the workers run (None: local processes)."""
+        ``backend``: where the workers run (None: local processes); ``remainder``: how partitions of a
+        random-access source share what does not divide evenly (see `EpochOrder.positions`)."""
         self.depth = workers.depth
         self.dispatcher: Dispatcher | None = None
         self._ordering: RoundRobin | FirstReady | Window
         if workers.indexed:
             assert length is not None
             order = EpochOrder(
-                length, workers.seed, shuffle, workers.partition, workers.batch_size, workers.drop_remainder
+                length,
+                workers.seed,
+                shuffle,
+                workers.partition,
+                workers.batch_size,
+                workers.drop_remainder,
+                remainder,
             )
             # A remote worker's answer takes a round trip: it gets as many tasks ahead as it has room for.
             lookahead = _ORDERED_LOOKAHEAD if ordered and backend is None else workers.depth
@@ -92,11 +104,11 @@ class Consumer:
             "batch_size": workers.batch_size,
             "drop_remainder": workers.drop_remainder,
             "partition": list(workers.partition),
+            "partition_remainder": remainder if workers.indexed and workers.partition[1] > 1 else None,
         }
-        self._delivered_from: list[int] = []  # generators: the worker of each record delivered this run
-        self._resume_base: tuple[list[int], int] = ([0] * workers.workers, 0)  # generators: starts, cursor
         self._resume: dict | None = None  # a loaded state, for the next pass
-        self._epoch_complete = False
+        self._named_epoch: int | None = None  # set_epoch's, for the next pass
+        self._served: dict[int, _Served] = {}  # the latest pass over each recent epoch, oldest first
         self._timeout = timeout
         self._ordered = ordered
         self._lock = threading.RLock()
@@ -109,6 +121,7 @@ class Consumer:
         self.pass_number = 0  # numbers the iterations; only the newest may take elements
         self._epoch_taken = False  # whether an iteration already serves the current epoch
         self._peeked: list = []
+        self._current = self._served_entry(0, None, workers.workers)
         self.wait_s = 0.0
         self.head_of_line_s = 0.0  # ordered: waiting for the next element while others were ready
         self.clock = CallClock()
@@ -144,50 +157,110 @@ class Consumer:
         return len(self.supervisor.handles)
 
     def open_pass(self) -> int:
-        """Start the next pass (an iteration): a loaded position's epoch, or the next epoch once the
-        current one was taken. Returns the pass's number, which `next` checks."""
+        """Start the next pass (an iteration) over the epoch `_target` names. Returns the pass's number,
+        which `next` checks."""
         self._check_usable()
         with self._lock:
             self._check_usable()
             with self._guard("starting an epoch"):
-                self._open_epoch()
+                self._open(self._target())
+                self._resume = self._named_epoch = None  # taken by this pass
                 self._epoch_taken = True
                 self.pass_number += 1
             return self.pass_number
 
-    def position(self, consumed: int | None) -> dict[str, Any]:
-        """`Feeder.state_dict`: the position after the first ``consumed`` elements of the epoch (all
-        handed out so far when None), with the configuration it belongs to."""
+    def set_epoch(self, epoch: int) -> None:
+        """`Feeder.set_epoch`: the next pass serves ``epoch``. A loaded position for another epoch is
+        dropped, with a warning: the loop has moved elsewhere."""
         with self._lock:
-            if self._resume is not None:  # loaded, and not yet iterated: that is where we stand
-                return dict(self._resume)
-            dispatcher = self.dispatcher
-            if dispatcher is not None:
-                before = dispatcher.base_position + len(dispatcher.base_done)
-                delivered = len(dispatcher.log)
-            else:
-                before, delivered = sum(self._resume_base[0]), len(self._delivered_from)
+            self._check_usable()
+            resume = self._resume
+            if resume is not None and resume["epoch"] != epoch:
+                _log.warning(
+                    "set_epoch(%d) drops the loaded position, which is in epoch %d", epoch, resume["epoch"]
+                )
+                self._resume = None
+            self._named_epoch = epoch
+
+    def _target(self) -> tuple[int, dict | None]:
+        """The epoch and loaded position (None: its start) the next pass serves: set_epoch's epoch, from a
+        position loaded for it; else a loaded position; else, once a pass has handed out its whole epoch,
+        the next epoch; else the same epoch again, from where the last pass over it began (a pass that
+        stopped early, a peek or a `take`, moves nothing)."""
+        named, loaded = self._named_epoch, self._resume
+        if named is not None:
+            return named, loaded if loaded is not None and loaded["epoch"] == named else None
+        if loaded is not None:
+            return loaded["epoch"], loaded
+        current = self._current
+        if self._epoch_taken and current.complete:
+            return current.number + 1, None
+        return current.number, current.start
+
+    def _open(self, target: tuple[int, dict | None]) -> None:
+        """Make ``target`` the epoch being produced, unless it already is and no pass has taken it."""
+        current = self._current
+        if self._epoch_taken or target != (current.number, current.start):
+            self._start_epoch(*target)
+
+    def position(self, consumed: int | None, epoch: int | None = None) -> dict[str, Any]:
+        """`Feeder.state_dict`: the position after the first ``consumed`` records of ``epoch`` (all that
+        were handed out when None), with the configuration it belongs to."""
+        with self._lock:
+            pending = None
+            if self._named_epoch is not None or self._resume is not None:
+                pending = self._target()
+            if epoch is None:
+                epoch = pending[0] if pending is not None else self.epoch
+            if pending is not None and pending[0] == epoch:
+                start = pending[1] or self._start_state(epoch)
+                if consumed is None or consumed == _before(start):
+                    return dict(start)
+            served = self._served.get(epoch)
+            if served is None:
+                return self._unserved_position(epoch, consumed)
+            progress = served.progress
+            handed = progress.count - (len(self._peeked) if served is self._current else 0)
+            before = progress.before
+            if consumed is not None and consumed == self.records_per_epoch():
+                return self._start_state(epoch + 1)
             _check(
-                consumed is None or before <= consumed <= before + delivered,
-                f"consumed={consumed}, but this epoch has handed out {before + delivered} elements so far"
+                consumed is None or before <= consumed <= before + handed,
+                f"consumed={consumed}, but epoch {epoch} has handed out {before + handed} records so far"
                 + (f", {before} of them before the resume" if before else ""),
             )
-            in_run = None if consumed is None else consumed - before  # consumed since this run began
-            state: dict[str, Any] = {"mpfeed": FORMAT, **self.config, "epoch": self.epoch}
-            if self._epoch_complete and (in_run is None or in_run == delivered):
-                # The epoch is over: the next one starts from its beginning.
-                return {**state, "epoch": self.epoch + 1, **self._fresh_position()}
-            if dispatcher is not None:
-                position, done = dispatcher.done_after(in_run)
-                return {**state, "position": position, "done": encode_done(position, done)}
-            starts, cursor = self._resume_base
-            starts = list(starts)
-            log = self._delivered_from if in_run is None else self._delivered_from[:in_run]
-            for worker in log:
-                starts[worker] += 1
-            if log:
-                cursor = (log[-1] + 1) % len(starts)
-            return {**state, "position": sum(starts), "starts": starts, "cursor": cursor}
+            count = handed if consumed is None else consumed - before
+            if served.complete and count == handed:  # the epoch is over: the next one starts afresh
+                return self._start_state(epoch + 1)
+            state = self._start_state(epoch)
+            try:
+                if isinstance(progress, ShardProgress):
+                    starts, cursor = progress.after(count)
+                    return {**state, "position": sum(starts), "starts": starts, "cursor": cursor}
+                position, done = progress.after(count)
+            except TooFarBack as error:
+                raise ValueError(f"epoch {epoch}: {error}") from None
+            return {**state, "position": position, "done": encode_done(position, done)}
+
+    def _unserved_position(self, epoch: int, consumed: int | None) -> dict[str, Any]:
+        """A position in an epoch no recent pass served: its start or end, or, for an ordered
+        random-access feeder, any point of its order."""
+        total = self.records_per_epoch()
+        if not consumed:
+            return self._start_state(epoch)
+        if consumed == total:
+            return self._start_state(epoch + 1)
+        _check(
+            self.dispatcher is not None and self._ordered and total is not None and 0 < consumed < total,
+            f"consumed={consumed} in epoch {epoch}, which the feeder has not served recently: only "
+            "an ordered random-access feeder knows where a record of an unserved epoch lies (others "
+            "can name an epoch's start, consumed=0, or its end)",
+        )
+        return {**self._start_state(epoch), "position": consumed, "done": ""}
+
+    def records_per_epoch(self) -> int | None:
+        """Records (elements, or batches) of an epoch of a random-access source; None for generators."""
+        return self.dispatcher.count if self.dispatcher is not None else None
 
     def resume(self, state: dict[str, Any]) -> None:
         """`Feeder.load_state_dict`: the next pass continues from ``state``."""
@@ -196,18 +269,12 @@ class Consumer:
             self._check_usable()
             self._resume = dict(state)
 
-    def _fresh_position(self) -> dict[str, Any]:
+    def _start_state(self, epoch: int) -> dict[str, Any]:
+        """The state at the start of ``epoch``."""
+        state: dict[str, Any] = {"mpfeed": FORMAT, **self.config, "epoch": epoch}
         if self.dispatcher is not None:
-            return {"position": 0, "done": ""}
-        return {"position": 0, "starts": [0] * len(self.supervisor.handles), "cursor": 0}
-
-    def _open_epoch(self) -> None:
-        """Start the epoch the next iteration serves: a loaded state's, the next one, or (untaken) this."""
-        resume, self._resume = self._resume, None
-        if resume is not None:
-            self._start_epoch(resume["epoch"], resume)
-        elif self._epoch_taken:
-            self._start_epoch(self.epoch + 1)
+            return {**state, "position": 0, "done": ""}
+        return {**state, "position": 0, "starts": [0] * len(self.supervisor.handles), "cursor": 0}
 
     def close(self) -> None:
         """`Feeder.close`: stop the workers and release every segment, from any thread, once."""
@@ -236,23 +303,36 @@ class Consumer:
         self._peeked.clear()
         self.epoch = number
         self._epoch_taken = False
-        self._epoch_complete = False
         self._ordering.reset()
-        self._delivered_from = []
         self.leases.collect(self.supervisor)
         dispatcher = self.dispatcher
-        position = resume or self._fresh_position()
+        position = resume or self._start_state(number)
         if dispatcher is not None:
             self.supervisor.start_epoch(number)
             start = position["position"]
             dispatcher.start(number, start, decode_done(start, position["done"]))
+            self._current = self._remember(_Served(number, resume, dispatcher.progress, dispatcher.count))
             return
         starts, cursor = list(position["starts"]), position["cursor"]
-        self._resume_base = (starts, cursor)
+        self._current = self._remember(_Served(number, resume, ShardProgress(starts, cursor)))
         if isinstance(self._ordering, RoundRobin):
             self._ordering.cursor = cursor
         batch = self.supervisor.config.batch_size or 1
         self.supervisor.start_epoch(number, [records * batch for records in starts])
+
+    def _served_entry(self, number: int, resume: dict | None, workers: int) -> _Served:
+        """The first epoch, which the workers start on their own."""
+        if self.dispatcher is not None:
+            return self._remember(_Served(number, resume, self.dispatcher.progress, self.dispatcher.count))
+        return self._remember(_Served(number, resume, ShardProgress([0] * workers, 0)))
+
+    def _remember(self, served: _Served) -> _Served:
+        history = self._served
+        history.pop(served.number, None)
+        history[served.number] = served
+        while len(history) > _EPOCHS_KEPT:
+            del history[next(iter(history))]
+        return served
 
     def peek(self) -> Any:
         """The first element of a fresh epoch, kept to be served first (for signature inference). Only a
@@ -261,8 +341,7 @@ class Consumer:
         with self._lock:
             self._check_usable()
             with self._guard("starting an epoch"):
-                if self._epoch_taken or self._resume is not None:
-                    self._open_epoch()
+                self._open(self._target())
             serial = self.pass_number  # a peek belongs to no iteration, but a new iteration must not lose it
         if not self._peeked:
             element = self.next(serial, 0, strict=False, peeking=True)
@@ -337,10 +416,10 @@ class Consumer:
             handle, record = self._ordering.take(supervisor, strict)
         if record is not None and handle is not None:
             if dispatcher is None:
-                self._delivered_from.append(handle.index)
+                self._current.progress.delivered(handle.index)
             return None, self.leases.open(supervisor, handle, record, copy_below)
         if handle is None:
-            self._epoch_complete = True
+            self._current.ended = True
             return None, EPOCH_END
         return handle, None
 
@@ -423,6 +502,40 @@ class Consumer:
         self.releases.wake()
         self._shutdown_thread = threading.Thread(target=self._finalizer, name="mpfeed-shutdown", daemon=True)
         self._shutdown_thread.start()
+
+
+class _Served:
+    """The latest pass over one epoch: where it began (a loaded position, or None for the start), what it
+    delivered, and whether it handed out the whole epoch."""
+
+    __slots__ = ("number", "start", "progress", "total", "ended")
+
+    def __init__(
+        self,
+        number: int,
+        start: dict | None,
+        progress: TaskProgress | ShardProgress,
+        total: int | None = None,
+    ) -> None:
+        self.number = number
+        self.start = start
+        self.progress = progress
+        self.total = total  # random access: the epoch's records
+        self.ended = False  # the pass reached the epoch's end
+
+    @property
+    def complete(self) -> bool:
+        if self.total is not None:
+            return self.progress.before + self.progress.count >= self.total
+        return self.ended
+
+
+def _before(state: dict[str, Any]) -> int:
+    """Records of the epoch delivered before ``state``'s position (for random access, ``done`` counts)."""
+    if "starts" in state:
+        return sum(state["starts"])
+    position = state["position"]
+    return position + len(decode_done(position, state["done"]))
 
 
 def _check(condition: bool, message: str) -> None:

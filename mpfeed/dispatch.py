@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .progress import TaskProgress
 from .supervisor import Supervisor, WorkerHandle
 
 _MUCH_LATER = 1.5  # ordered: a task waits rather than go to a worker expected to finish it this much later
@@ -36,16 +37,35 @@ class EpochOrder:
     partition: tuple[int, int]
     batch_size: int | None
     drop_remainder: bool
+    remainder: str = "pad"
 
     def positions(self, epoch: int) -> np.ndarray | range:
         """The source indices this partition serves in ``epoch``, in order: a range without shuffle (no
-        memory, whatever the length), else a permutation of 4 bytes an element (8 past 2**31)."""
+        memory, whatever the length), else a permutation of 4 bytes an element (8 past 2**31).
+
+        Parts are equal by default (``remainder="pad"``): the order is padded with its own first elements,
+        as PyTorch's DistributedSampler does, so every part serves ``ceil(length / count)``; ``"drop"``
+        leaves out the order's last ``length % count``; ``"uneven"`` serves every element exactly once, in
+        parts that differ by one."""
         index, count = self.partition
+        length = self.length
+        per = -(-length // count) if self.remainder == "pad" else length // count
+        if self.remainder == "uneven" or length % count == 0:
+            stop = length
+        elif self.remainder == "drop":
+            stop = per * count
+        else:
+            stop = per * count  # padded: positions past the end wrap to the order's start
         if not self.shuffle:
-            return range(index, self.length, count)
+            if stop <= length:
+                return range(index, stop, count)
+            return np.arange(index, stop, count, dtype=np.int64) % length
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
-        dtype = np.int32 if self.length < 2**31 else np.int64
-        return rng.permutation(np.arange(self.length, dtype=dtype))[index::count]
+        dtype = np.int32 if length < 2**31 else np.int64
+        order = rng.permutation(np.arange(length, dtype=dtype))
+        if stop <= length:
+            return order[index:stop:count]
+        return order[np.arange(index, stop, count, dtype=np.int64) % length]
 
     def tasks(self, served: int) -> int:
         """How many tasks (records) an epoch of ``served`` positions makes."""
@@ -69,22 +89,18 @@ class Dispatcher:
         self.epoch = epoch
         self.positions = self.order.positions(epoch)
         self.count = self.order.tasks(len(self.positions))
-        self.base_position = position
         self.base_done = done
         self.next_task = position  # the lowest task not yet sent
-        self.next_delivery = position  # ordered: the lowest task not yet delivered
         self.assigned: dict[int, int] = {}  # task -> worker index, until delivered
-        self.log: list[int] = []  # tasks delivered this run, in delivery order
-        self.delivered_set: set[int] = set()
+        self.progress = TaskProgress(position, done)
         self.remaining = self.count - position - len(done)
-        self._skip_done()
-
-    def _skip_done(self) -> None:
-        done = self.base_done
         while self.next_task in done:
             self.next_task += 1
-        while self.next_delivery in done:
-            self.next_delivery += 1
+
+    @property
+    def next_delivery(self) -> int:
+        """Ordered: the lowest task not yet delivered."""
+        return self.progress.low
 
     def indices(self, task: int) -> list[int]:
         batch = self.order.batch_size or 1
@@ -162,21 +178,8 @@ class Dispatcher:
 
     def delivered(self, task: int) -> None:
         self.assigned.pop(task, None)
-        self.log.append(task)
-        self.delivered_set.add(task)
+        self.progress.delivered(task)
         self.remaining -= 1
-        while self.next_delivery in self.delivered_set or self.next_delivery in self.base_done:
-            self.next_delivery += 1
-
-    def done_after(self, consumed: int | None) -> tuple[int, frozenset[int]]:
-        """``(position, done)`` after the first ``consumed`` deliveries of this run (all when None): every
-        task below ``position`` and those in ``done`` were delivered."""
-        delivered = set(self.base_done)
-        delivered.update(self.log if consumed is None else self.log[:consumed])
-        position = self.base_position
-        while position in delivered:
-            position += 1
-        return position, frozenset(t for t in delivered if t > position)
 
 
 def _room(handle: WorkerHandle, depth: int) -> int:

@@ -21,7 +21,7 @@ from .autotune import Change
 from .consumer import EPOCH_END, Consumer
 from .diagnosis import Picture, verdict
 from .layout import align
-from .supervisor import Supervisor, WorkerConfig, WorkerHandle
+from .supervisor import WorkerConfig, WorkerHandle
 
 if TYPE_CHECKING:
     from .ray_backend import RayBackend
@@ -162,8 +162,15 @@ class Feeder:
             and of every ``shard.seed``; generator workers also seed ``random`` and ``numpy.random`` from
             it at every epoch.
         shuffle: random access only: each epoch's order is a permutation drawn from ``(seed, epoch)``.
-        partition: ``(index, count)``: serve part ``index`` of ``count`` (one per host); the parts are
-            disjoint and together cover every element once per epoch.
+        partition: ``(index, count)``: serve part ``index`` of ``count`` (one per host). For a
+            random-access source every part serves ``ceil(len(source) / count)`` elements, so that every
+            host runs the same number of steps: the epoch's order is padded with its own first elements
+            (as PyTorch's DistributedSampler does), and the parts together cover every element at least
+            once; see ``partition_remainder``. A generator source's parts are its shards'.
+        partition_remainder: how a random-access source's parts share a length that ``count`` does not
+            divide: "pad" (the default, above), "drop" (leave out the order's last ``len % count``
+            elements: equal parts, each element at most once) or "uneven" (every element exactly once;
+            parts differ by one element, so hosts in lockstep can wait on each other forever).
         start_method: "forkserver" (default: one fresh interpreter forks every worker) or "spawn" (a
             fresh interpreter per worker). The consumer itself is never forked.
         timeout: seconds the consumer may wait for a worker before `WorkerTimeoutError`; None: no limit.
@@ -199,6 +206,7 @@ class Feeder:
         max_workers: int | None = None,
         shm_budget: int | None = None,
         backend: RayBackend | None = None,
+        partition_remainder: str = "pad",
     ) -> None:
         if bootstrap.importing_main:
             raise RuntimeError(
@@ -231,6 +239,10 @@ class Feeder:
             and all(_is_int(v) for v in partition)
             and 0 <= partition[0] < partition[1],
             f"partition must be (index, count) with 0 <= index < count, got {partition!r}",
+        )
+        _require(
+            partition_remainder in ("pad", "drop", "uneven"),
+            f"partition_remainder must be 'pad', 'drop' or 'uneven', got {partition_remainder!r}",
         )
         if backend is not None:
             _check_backend(backend, workers, start_method, ring_memory, slot_bytes, shm_budget)
@@ -314,6 +326,7 @@ class Feeder:
             shuffle=bool(shuffle),
             autotune=autotune,
             backend=backend,
+            remainder=partition_remainder,
         )
 
     # -- public face ---------------------------------------------------------------------------------
@@ -325,8 +338,32 @@ class Feeder:
 
     def __iter__(self) -> Iterator[Any]:
         """One epoch of elements, in the epoch's order (random access) or source order (generators) when
-        ``ordered``, else first ready."""
+        ``ordered``, else first ready. Which epoch, and from where, is `set_epoch`'s rule."""
         return self._iterate()
+
+    def __len__(self) -> int:
+        """Records per epoch of a random-access source: elements, or batches with ``batch_size``, of this
+        partition. A generator source has no length: its shards end when they end."""
+        records = self._consumer.records_per_epoch()
+        if records is None:
+            raise TypeError(
+                "a feeder of a generator source has no length: each worker's shard ends when its generator "
+                "does. A random-access source (with __len__ and __getitem__) gives the feeder one"
+            )
+        return records
+
+    def set_epoch(self, epoch: int) -> None:
+        """Name the epoch the next pass (iteration) serves, as a training loop counts them (PyTorch's
+        ``DistributedSampler.set_epoch``): from a position loaded for that epoch (`load_state_dict`), else
+        from its start. The epoch decides the shuffle, ``shard.epoch`` and `mpfeed.element_rng`.
+
+        Without it the feeder picks the next pass's epoch itself, by one rule: a loaded position's epoch;
+        else, after a pass that handed out its whole epoch, the next epoch; else (a pass that stopped
+        early: a `take`, a peek, a ``break``) the same epoch again, from where that pass began. So the
+        feeder advances its epoch by itself only when a pass has handed out every record of the last one.
+        The `mpfeed.keras` callbacks call this from Keras's own epoch."""
+        _require(_is_int(epoch) and epoch >= 0, f"epoch must be an int >= 0, got {epoch!r}")
+        self._consumer.set_epoch(epoch)
 
     def dataset(self, output_signature: Any = None, *, chunk_size: int | None = None):
         """A `tf.data.Dataset` over this feeder; each pass over it is one epoch.
@@ -335,17 +372,37 @@ class Feeder:
         in chunks that the dataset unbatches in the graph (see `mpfeed.tf.feeder_dataset`)."""
         from .tf import feeder_dataset
 
-        return feeder_dataset(self, output_signature, chunk_size)
+        config = self._consumer.supervisor.config
+        return feeder_dataset(
+            self,
+            self._iterate,
+            self._consumer.peek,
+            output_signature,
+            chunk_size,
+            batched=config.batch_size is not None,
+            partitioned=config.partition[1] > 1,
+            records=self._consumer.records_per_epoch(),
+        )
 
-    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
-        """The feeder's position, small and JSON-ready: the epoch, and how far into it the feeder has handed
-        out elements (a batch counts as one), or, with ``consumed``, where it stood after the first
-        ``consumed`` elements of this epoch. Save what the model consumed: tf.data prefetches ahead."""
+    def state_dict(self, consumed: int | None = None, *, epoch: int | None = None) -> dict[str, Any]:
+        """The feeder's position, small and JSON-ready: an epoch, and how far into it.
+
+        Without arguments: where the next pass starts when nothing is being served (a position loaded or
+        named by `set_epoch`), else how far the current epoch has been handed out. ``consumed``: the
+        position after the first ``consumed`` records of ``epoch`` (default: the current one), counted
+        from the epoch's start (records before a resume included): save what the model consumed, since
+        tf.data prefetches ahead of it, even into the next epochs. A record is an element, or a batch
+        with ``batch_size``. ``consumed`` may lie up to `mpfeed.progress.HISTORY` records behind what was
+        handed out, in any of the last few epochs served; ``len(self)`` (the whole epoch) gives the next
+        epoch's start."""
         _require(
             consumed is None or (_is_int(consumed) and consumed >= 0),
             f"consumed must be an int >= 0 or None, got {consumed!r}",
         )
-        return self._consumer.position(consumed)
+        _require(
+            epoch is None or (_is_int(epoch) and epoch >= 0), f"epoch must be an int >= 0, got {epoch!r}"
+        )
+        return self._consumer.position(consumed, epoch)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position: the next iteration goes on with that epoch at that position.
@@ -432,11 +489,7 @@ class Feeder:
         state = "closed" if life.closed else "broken" if life.broken else f"epoch {consumer.epoch}"
         return f"<mpfeed.Feeder workers={self.workers} depth={consumer.depth} {state}>"
 
-    # -- for mpfeed.tf -------------------------------------------------------------------------------
-
-    @property
-    def _supervisor(self) -> Supervisor:
-        return self._consumer.supervisor
+    # -- for dataset() ------------------------------------------------------------------------------
 
     def _iterate(self, copy_below: int = 0) -> Iterator[Any]:
         """`__iter__`, copying records of up to ``copy_below`` bytes out of their slot (`dataset()`)."""
@@ -450,10 +503,6 @@ class Feeder:
             if element is EPOCH_END:
                 return
             yield element
-
-    def _peek(self) -> Any:
-        """The first element of a fresh epoch, served first by the next iteration (signature inference)."""
-        return self._consumer.peek()
 
 
 def _worker_stats(handle: WorkerHandle, released: int) -> WorkerStats:

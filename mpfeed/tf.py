@@ -104,9 +104,19 @@ _COPY_BELOW_BYTES = 256 << 10  # records up to this size reach TensorFlow as cop
 
 
 def feeder_dataset(
-    feeder: Feeder, output_signature: Any = None, chunk_size: int | None = None
+    feeder: Feeder,
+    iterate: Callable[[int], Iterator[Any]],
+    peek: Callable[[], Any],
+    output_signature: Any = None,
+    chunk_size: int | None = None,
+    *,
+    batched: bool,
+    partitioned: bool,
+    records: int | None,
 ) -> tf.data.Dataset:
-    """`tf.data.Dataset.from_generator` over ``feeder``: each pass over the dataset is one epoch.
+    """`tf.data.Dataset.from_generator` over ``feeder``: each pass over the dataset is one pass of the
+    feeder (``iterate(copy_below)``), whose epoch the feeder chooses (`Feeder.set_epoch`). ``peek`` gives
+    the first element, served again by the next pass, to infer the signature from.
 
     Each call into a Python generator costs TensorFlow a fixed overhead, so small elements are stacked
     into chunks of ``chunk_size`` (default: about 1 MiB, at most 256 elements) that the dataset unbatches
@@ -118,12 +128,17 @@ def feeder_dataset(
     The generator function holds the feeder weakly (TensorFlow keeps generator functions registered after
     the dataset is gone); the returned dataset, and every dataset made from it, owns the feeder. A
     partitioned feeder's dataset turns TensorFlow's auto-sharding off: it is one host's part already.
+
+    With a known length (``records``, a random-access source), the dataset declares it, so that Keras
+    counts steps and never takes a short resumed pass for an epoch's length: it is the pass repeated and
+    cut at ``records`` (a cardinality TensorFlow knows without checking it at run time, as
+    `assert_cardinality` would, failing a resumed pass). A pass that ends short (it began at a loaded
+    position) ends there: the repetition that follows it at once is served nothing.
     """
-    batched = feeder._supervisor.config.batch_size is not None
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
     if output_signature is None:
-        output_signature = infer_signature(feeder._peek(), batched=batched)
+        output_signature = infer_signature(peek(), batched=batched)
     chunkable = not batched and _fixed_size(output_signature)
     if chunk_size is not None and chunk_size > 1 and not chunkable:
         raise ValueError(
@@ -135,27 +150,36 @@ def feeder_dataset(
     if chunk_size is None:
         chunk_size = _auto_chunk_size(output_signature) if chunkable else 1
         copy_below = _COPY_BELOW_BYTES if chunk_size == 1 else 0
-    feeder_ref = weakref.ref(feeder)
+    iterate_ref = weakref.WeakMethod(iterate)  # the dataset, not TensorFlow's registry, owns the feeder
     check_shapes = _shape_checker(output_signature)
+    ended_short = [False]  # the last pass ended before ``records``: the repetition after it gets nothing
 
     def elements() -> Iterator[Any]:
-        owner = feeder_ref()
-        if owner is None:
+        if ended_short[0]:
+            ended_short[0] = False
+            return
+        bound = iterate_ref()
+        if bound is None:
             raise ClosedError("the feeder behind this dataset is gone")
-        iterator = owner._iterate(copy_below)
-        del owner
+        iterator = bound(copy_below)
+        del bound
+        served = 0
         try:
             first = next(iterator, _NOTHING)
             if first is _NOTHING:
+                ended_short[0] = records is not None
                 return
             convert = _lists_to_tuples if _has_lists(first) else None
             first = convert(first) if convert else first
             check_signature(first, output_signature)  # TensorFlow checks too, but cannot name the leaf
             yield first
+            served = 1
             for element in iterator:
                 if chunk_size == 1:
                     check_shapes(flatten(element)[1])
                 yield convert(element) if convert else element
+                served += 1
+            ended_short[0] = records is not None and served < records
         except ClosedError:
             # Closed while this pass was under way (Ctrl-C, the end of a `with` block, interpreter exit):
             # TensorFlow may still have a call in flight, and an error here would only be printed, in
@@ -173,7 +197,9 @@ def feeder_dataset(
             lambda spec: tf.TensorSpec((None, *spec.shape), spec.dtype), output_signature
         )
         dataset = tf.data.Dataset.from_generator(chunks, output_signature=chunk_signature).unbatch()
-    if feeder._supervisor.config.partition[1] > 1:
+    if records is not None:
+        dataset = dataset.repeat().take(records)
+    if partitioned:
         # Already this host's part: TensorFlow's multi-worker auto-sharding (`experimental_distribute_dataset`
         # and Keras' fit apply it) would find no files to shard by, shard the elements instead, and drop
         # the rest of the part.
@@ -288,18 +314,30 @@ def from_generator(
 class FeederState(tf.train.experimental.PythonState):
     """A feeder's position inside a `tf.train.Checkpoint`, saved and restored with the model.
 
-    ``tf.train.Checkpoint(model=model, feeder=mpfeed.tf.FeederState(feeder))``. Set ``consumed`` to the
-    number of elements of the current epoch the model has really consumed before saving (tf.data
-    prefetches ahead of it); left at None, the position is what the feeder has handed out. Restoring loads
-    the position, and the feeder's next iteration goes on from there.
+    ``tf.train.Checkpoint(model=model, feeder=mpfeed.tf.FeederState(feeder))``. Before each save, set
+    ``consumed`` to the records of ``epoch`` the model has really trained on (tf.data prefetches ahead of
+    it, into the next epoch too); ``epoch`` left at None means the feeder's current one. Without
+    ``consumed``, a save part way through an epoch is refused: the handed-out position would skip what
+    sits in TensorFlow's buffers. Restoring loads the position, and the feeder's next pass goes on from
+    there. With Keras, `mpfeed.keras.BackupAndRestore` does all of this itself.
     """
 
     def __init__(self, feeder: Feeder) -> None:
         self.feeder = feeder
         self.consumed: int | None = None
+        self.epoch: int | None = None
 
     def serialize(self) -> str:
-        return json.dumps(self.feeder.state_dict(consumed=self.consumed))
+        state = self.feeder.state_dict(consumed=self.consumed, epoch=self.epoch)
+        if self.consumed is None and state["position"] > 0:
+            raise ValueError(
+                "FeederState.consumed is not set, and the feeder is part way through epoch "
+                f"{state['epoch']}: the position it has handed out would skip the records still in "
+                "tf.data's buffers. Before saving, set .consumed to the records of the epoch the model "
+                "has trained on (and .epoch, when tf.data may have moved into the next), or train with "
+                "mpfeed.keras.BackupAndRestore(feeder, backup_dir), which counts them itself"
+            )
+        return json.dumps(state)
 
     def deserialize(self, string_value: Any) -> None:
         text = string_value.decode() if isinstance(string_value, bytes) else str(string_value)

@@ -206,7 +206,7 @@ def test_elements_before_a_failure_still_reach_a_chunked_dataset():
 
 def test_a_killed_fork_server_is_named_in_the_error():
     with mpfeed.Feeder(sources.slow, args=(1000, 0.01), workers=2, start_method="forkserver") as feeder:
-        server = feeder._supervisor.server.process
+        server = feeder._consumer.supervisor.server.process
         threading.Timer(0.3, server.kill).start()
         error = _consume(feeder)
     assert isinstance(error, mpfeed.WorkerDiedError)

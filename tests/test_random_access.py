@@ -221,12 +221,17 @@ def test_resuming_at_90_percent_recomputes_nothing_before_the_position():
 @pytest.mark.parametrize(
     "kind, shuffle", [("random-access", False), ("random-access", True), ("generator", False)]
 )
-def test_partitions_are_disjoint_and_cover_every_element_once(kind, shuffle):
+def test_uneven_partitions_are_disjoint_and_cover_every_element_once(kind, shuffle):
     parts = []
     for index in range(3):
         if kind == "random-access":
             feeder = mpfeed.Feeder(
-                sources.Numbers(50), workers=2, partition=(index, 3), shuffle=shuffle, seed=3
+                sources.Numbers(50),
+                workers=2,
+                partition=(index, 3),
+                shuffle=shuffle,
+                seed=3,
+                partition_remainder="uneven",
             )
         else:
             feeder = mpfeed.Feeder(sources.numbered, args=(50,), workers=2, partition=(index, 3))
@@ -235,8 +240,39 @@ def test_partitions_are_disjoint_and_cover_every_element_once(kind, shuffle):
     for epoch in range(2):
         seen = [i for part in parts for i in part[epoch]]
         assert sorted(seen) == list(range(50))
-    if kind == "random-access":  # the epoch's order is split evenly
+    if kind == "random-access":  # the epoch's order is split as evenly as it goes
         assert all(len(part[0]) in (16, 17) for part in parts)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("remainder, size", [("pad", 27), ("drop", 26)])
+def test_partitions_are_equal_so_that_every_host_runs_the_same_steps(shuffle, remainder, size):
+    """105 elements over 4 hosts: 27/26/26/26 left a host in lockstep training one step alone, waiting on
+    the others' collective forever. Padded parts repeat the order's first elements (PyTorch's default);
+    dropped parts leave out its last ones."""
+    parts, orders = [], []
+    for index in range(4):
+        with mpfeed.Feeder(
+            sources.Numbers(105),
+            workers=2,
+            partition=(index, 4),
+            shuffle=shuffle,
+            seed=5,
+            partition_remainder=remainder,
+        ) as feeder:
+            assert len(feeder) == size
+            parts.append([[int(e["i"]) for e in feeder] for _ in range(2)])
+    with mpfeed.Feeder(sources.Numbers(105), workers=1, shuffle=shuffle, seed=5) as whole:
+        orders = [[int(e["i"]) for e in whole] for _ in range(2)]
+    for epoch in range(2):
+        assert [len(part[epoch]) for part in parts] == [size] * 4
+        dealt = [parts[i % 4][epoch][i // 4] for i in range(4 * size)]  # the parts deal the order out
+        order = orders[epoch]
+        assert dealt == (order + order)[: 4 * size]
+        if remainder == "pad":
+            assert set(dealt) == set(range(105))
+        else:
+            assert len(set(dealt)) == len(dealt) == 104
 
 
 def test_shuffle_and_bad_partitions_are_refused_before_any_worker_starts():
@@ -256,7 +292,8 @@ def test_from_generator_maps_an_input_context_onto_a_partition():
         ds = mpfeed.from_generator(sources.Numbers(21), input_context=context, workers=2)
         seen.append([int(e["i"]) for e in ds])
         ds._mpfeed_feeder.close()
-    assert sorted(seen[0] + seen[1]) == list(range(21)) and not set(seen[0]) & set(seen[1])
+    assert len(seen[0]) == len(seen[1]) == 11  # equal parts: the order's first element pads the second
+    assert set(seen[0]) | set(seen[1]) == set(range(21)) and set(seen[0]) & set(seen[1]) == {0}
     with pytest.raises(ValueError, match="input_context or partition, not both"):
         mpfeed.from_generator(sources.Numbers(21), input_context=context, partition=(0, 2))
 
@@ -277,6 +314,9 @@ def test_a_checkpoint_saves_and_restores_the_position_with_the_model(tmp_path):
         iterator = iter(feeder)
         before = [next(iterator)["i"] for _ in range(11)]
         step.assign(11)
+        with pytest.raises(ValueError, match="consumed is not set, and the feeder is part way through epoch 0"):
+            checkpoint.save(str(tmp_path / "refused"))  # the handed-out position could skip buffered ones
+        state.consumed = 11
         path = checkpoint.save(str(tmp_path / "ckpt"))
     with make() as feeder:
         restored = tf.train.Checkpoint(step=tf.Variable(0), feeder=mpfeed.tf.FeederState(feeder))
