@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[bench,dev,ray]' '$(TF)'
+	$(BIN)/python -m pip install --quiet -e '.[bench,dev,ray,keras,jax]' '$(TF)'
 	touch $(STAMP)
 
 # The suite, after the linters and the type checker (so CI, which runs make test, runs them too).
