@@ -32,7 +32,7 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python scripts/bench.py --quick
 
-# The optional peers of BENCH.md (PyTorch's DataLoader, Grain), which make bench then runs too. Ends by
+# The optional peers of docs/benchmarks.md (PyTorch's DataLoader, Grain), which make bench then runs too. Ends by
 # importing TensorFlow beside them, so a dependency that breaks it fails here, not in the middle of a run.
 bench-peers: $(PEERS)
 
