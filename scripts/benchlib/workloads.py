@@ -389,7 +389,7 @@ def one_core_rate(name: str, seconds: float) -> float:
 
 
 if __name__ == "__main__":
-    # `python scripts/workloads.py [seconds] [names...]`: one core's rate of each workload, as JSON.
+    # `python -m benchlib.workloads [seconds] [names...]` (from scripts/): one core's rate of each, as JSON.
     import json
     import sys
 
