@@ -370,8 +370,16 @@ class Feeder:
 
         The signature is inferred from the first element when not given. Small elements reach TensorFlow
         in chunks that the dataset unbatches in the graph (see `mpfeed.tf.feeder_dataset`)."""
-        from .tf import feeder_dataset
-
+        try:
+            from .tf import feeder_dataset
+        except ModuleNotFoundError as error:  # name the extra, not just the missing module
+            if (error.name or "").partition(".")[0] != "tensorflow":
+                raise
+            raise ModuleNotFoundError(
+                "Feeder.dataset() needs TensorFlow, which is not installed here: install mpfeed with its tf "
+                "extra, pip install '/path/to/mpfeed[tf]' (or iterate the feeder without TensorFlow)",
+                name="tensorflow",
+            ) from error
         config = self._consumer.supervisor.config
         return feeder_dataset(
             self,

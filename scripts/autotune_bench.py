@@ -1,4 +1,4 @@
-"""The `autotune` workload of BENCH.md: ``workers="auto"`` against fixed worker counts, in one run.
+"""The `autotune` workload of docs/benchmarks.md: ``workers="auto"`` against fixed worker counts, in one run.
 
 Every row is `mpfeed.Feeder` over a random-access source (`workloads.AutotuneItems`: ``workers="auto"``
 adjusts only those), iterated directly by a Python loop that touches every element (no TensorFlow).
@@ -41,9 +41,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from harness import Pipeline, Timing, measure, run_schedule, touch, usable_cores
-from report import figure_grid, machine, save_figure, warn_if_engine_changed, write_results
-from workloads import CHEAP_COST_S, IO_SLEEP_S, AutotuneItems
+from benchlib.harness import Pipeline, Timing, measure, run_schedule, touch, usable_cores
+from benchlib.report import figure_grid, machine, save_figure, warn_if_engine_changed, write_results
+from benchlib.workloads import CHEAP_COST_S, IO_SLEEP_S, AutotuneItems
 
 import mpfeed
 
@@ -75,7 +75,7 @@ FULL = (Timing(duration_s=3.0, warmup_s=2.0), AutoTiming(window_s=3.0, quiet_s=8
 QUICK = (Timing(duration_s=0.5, warmup_s=0.3), AutoTiming(window_s=0.5, quiet_s=2.0, cap_s=4.0))
 
 
-# -- the rows ------------------------------------------------------------------------------------------
+# -- the rows ------------------------------------------------------------------------------------------------
 
 
 def consumer(feeder: mpfeed.Feeder, sleep_s: float) -> Iterator:
@@ -175,7 +175,7 @@ def schedule(groups: list[str], timing: Timing, auto_timing: AutoTiming) -> dict
     return made
 
 
-# -- the report ------------------------------------------------------------------------------------------
+# -- the report ----------------------------------------------------------------------------------------------
 
 
 def spread(values: list[float]) -> dict:

@@ -1,4 +1,5 @@
-"""`make bench`: every workload of BENCH.md against every contender, beside the limits of this machine.
+"""`make bench`: every workload of docs/benchmarks.md against every contender, beside the limits of
+this machine.
 
 Each measurement builds one pipeline, consumes it with a Python loop over the `tf.data.Dataset` that
 touches every element (or, for the large elements of `transfer`, inside the dataset's graph, as training
@@ -26,9 +27,8 @@ TensorFlow): it runs first, as `straggler.py` in a process of its own, and print
 `autotune` (``workers="auto"`` against fixed worker counts, no TensorFlow either) runs next, the same way,
 as `autotune_bench.py`.
 
-This file only reads the command line. The parts: `workloads.py` (what one element costs),
-`contenders.py` (what builds each row; the only part that imports TensorFlow), `limits.py` (what this
-machine allows), `harness.py` (measuring and the interleaved run) and `report.py` (table, JSON, plot).
+This file only reads the command line; the machinery lives in the `benchlib` package (see its
+`__init__.py`).
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from harness import Plan, Timing, run, usable_cores  # noqa: E402
-from workloads import WORKLOADS  # noqa: E402
+from benchlib.harness import Timing, usable_cores  # noqa: E402
+from benchlib.plan import Plan, run  # noqa: E402
+from benchlib.workloads import WORKLOADS  # noqa: E402
 
 STRAGGLER = "straggler"  # the workload that `straggler.py` runs
 AUTOTUNE = "autotune"  # the workload that `autotune_bench.py` runs
@@ -52,7 +53,7 @@ DEDICATED = (STRAGGLER, AUTOTUNE)  # workloads with runners of their own, not co
 if __name__ != "__mp_main__":
     # A spawned process (Grain's workers) imports the main script again, as __mp_main__; those workers
     # need only the workloads, so TensorFlow and Keras load in the benchmark's own process alone.
-    from report import machine, save, summarize, table, warn_if_engine_changed
+    from benchlib.report import machine, save, summarize, table, warn_if_engine_changed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,7 +82,7 @@ def workload_names(args: argparse.Namespace) -> list[str]:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    from contenders import CONTENDERS, PEERS, available_contenders
+    from benchlib.contenders import CONTENDERS, PEERS, available_contenders
 
     names = [n for n in workload_names(args) if n not in DEDICATED]
     contenders = available_contenders()

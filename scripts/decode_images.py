@@ -31,7 +31,7 @@ SAMPLE_DIR = Path(tempfile.gettempdir()) / "mpfeed-sample-images"
 SKIP_STEPS = 5  # the first steps trace the model and fill the pipeline: not timed
 
 
-# -- what runs in the workers ------------------------------------------------------------------------
+# -- what runs in the workers --------------------------------------------------------------------------------
 # Workers import this file but never TensorFlow: mpfeed answers `import tensorflow` there with a stand-in.
 
 
@@ -60,7 +60,7 @@ def decode_shard(paths: list[str], labels: list[int], size: int, shard: mpfeed.S
         yield load_image(paths[i], size, rng), np.int64(labels[i])
 
 
-# -- the two input pipelines -------------------------------------------------------------------------
+# -- the two input pipelines ---------------------------------------------------------------------------------
 
 
 def mpfeed_feeder(paths, labels, size, batch, workers) -> mpfeed.Feeder:
@@ -81,7 +81,7 @@ def plain_dataset(paths, labels, size, batch) -> tf.data.Dataset:
     return dataset.batch(batch, drop_remainder=True).repeat().prefetch(tf.data.AUTOTUNE)
 
 
-# -- training and timing -----------------------------------------------------------------------------
+# -- training and timing -------------------------------------------------------------------------------------
 
 
 def small_model(size: int, classes: int) -> keras.Model:
@@ -132,7 +132,7 @@ def verdict(share: float, input_alone: float, model_alone: float) -> str:
     return "sharing cores: the pipeline is fast enough alone, but its workers and training compete for CPU"
 
 
-# -- the folder --------------------------------------------------------------------------------------
+# -- the folder ----------------------------------------------------------------------------------------------
 
 
 def list_images(folder: Path) -> tuple[list[str], list[int], int]:

@@ -30,10 +30,10 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-from harness import Contender, Pipeline, Timing, measure, settle, touch, usable_cores  # noqa: E402
-from limits import one_core  # noqa: E402
-from report import figure_grid, machine, save_figure, warn_if_engine_changed, write_results  # noqa: E402
-from workloads import ENDLESS, IO_SLEEP_S, WORKLOADS, Workload  # noqa: E402
+from benchlib.harness import Contender, Pipeline, Timing, measure, settle, touch, usable_cores  # noqa: E402
+from benchlib.limits import one_core  # noqa: E402
+from benchlib.report import machine, plot_scaling, warn_if_engine_changed, write_results  # noqa: E402
+from benchlib.workloads import ENDLESS, IO_SLEEP_S, WORKLOADS, Workload  # noqa: E402
 
 import mpfeed  # noqa: E402
 
@@ -55,7 +55,7 @@ def worker_counts(workload: Workload, cores: int) -> list[int]:
 
 
 def mpfeed_b16(workload: Workload, workers: int) -> Pipeline:
-    from contenders import mpfeed_dataset
+    from benchlib.contenders import mpfeed_dataset
 
     return mpfeed_dataset(workload, workers, batch_size=16)
 
@@ -64,7 +64,15 @@ def scaling_contenders(workload: Workload, workers: int) -> list[Contender]:
     """The contenders that take a worker count. PyTorch's and Grain's loaders, when installed, run up to
     `PEER_MAX_WORKERS`: each of their workers imports this script again, which at 32 workers takes longer
     than the measurement."""
-    from contenders import PEER_MODULES, PEERS, importable, keras_pydataset, mp_pool, mpfeed_dataset, tf_map
+    from benchlib.contenders import (
+        PEER_MODULES,
+        PEERS,
+        importable,
+        keras_pydataset,
+        mp_pool,
+        mpfeed_dataset,
+        tf_map,
+    )
 
     peers = [peer for peer in PEERS if importable(PEER_MODULES[peer.name])]
     contenders = [
@@ -79,12 +87,12 @@ def scaling_contenders(workload: Workload, workers: int) -> list[Contender]:
     return contenders
 
 
-# -- part 1: throughput against worker count -----------------------------------------------------------
+# -- part 1: throughput against worker count -----------------------------------------------------------------
 
 
 def scaling(workloads: list[Workload], reps: int, timing: Timing, progress: Any) -> dict:
     """``{workload: {"one_core": rate, "rows": {contender: {workers: [rates]}}}}``, interleaved."""
-    from contenders import from_generator
+    from benchlib.contenders import from_generator
 
     cores = usable_cores()
     results: dict = {w.name: {"one_core": [], "rows": {}} for w in workloads}
@@ -173,7 +181,7 @@ def scaling_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-# -- part 2: mpfeed's own cost -------------------------------------------------------------------------
+# -- part 2: mpfeed's own cost -------------------------------------------------------------------------------
 
 
 def cpu_seconds(feeder: mpfeed.Feeder) -> float:
@@ -317,35 +325,6 @@ def costs_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-# -- output ------------------------------------------------------------------------------------------
-
-
-def plot(summary: dict, path: Any, title: str) -> None:
-    columns = len(summary)
-    figure, axes = figure_grid(2, columns, (5, 3.5))
-    for column, (name, entry) in enumerate(summary.items()):
-        counts = list(entry["ideal"])
-        top, bottom = axes[0][column], axes[1][column]
-        top.plot(counts, [entry["ideal"][c] for c in counts], "k--", label="ideal")
-        for contender, cells in entry["rows"].items():
-            xs = [c for c in counts if c in cells]
-            style = "o-" if contender.startswith("mpfeed") else ".-"
-            top.plot(xs, [cells[c]["rate"] for c in xs], style, label=contender)
-            bottom.plot(xs, [100 * (cells[c]["efficiency"] or 0) for c in xs], style, label=contender)
-        for ax in (top, bottom):
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(counts, [str(c) for c in counts])
-            ax.set_xlabel("workers")
-            ax.grid(alpha=0.3)
-        top.set_yscale("log")
-        top.set_title(name)
-        top.set_ylabel("elements/s")
-        bottom.set_ylabel("% of ideal")
-        bottom.set_ylim(0, 110)
-        top.legend(fontsize=7)
-    save_figure(figure, title, path)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short windows, one repetition")
@@ -389,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     document = {"machine": info, "options": vars(args), "timing": vars(timing)}
     document.update(scaling=summary, costs=cost, raw=raw)
     base = write_results("scale", document, default=_plain)
-    plot(summary, base.with_suffix(".png"), f"mpfeed scaling: {info['cpu_model']}, {cores} cores")
+    plot_scaling(summary, base.with_suffix(".png"), f"mpfeed scaling: {info['cpu_model']}, {cores} cores")
 
     print(f"# {info['cpu_model']}, {cores} usable cores, TF {info['tensorflow']}, {info['date']}")
     engine = f"{info['mpfeed_commit']}{' (modified)' if info['mpfeed_modified'] else ''}"

@@ -44,9 +44,9 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # nodes bind to 127.0.0.1
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SCRIPTS, os.environ.get("PYTHONPATH")]))
 
 import numpy as np  # noqa: E402
-from harness import Timing, measure, run_schedule, touch  # noqa: E402
-from report import machine, warn_if_engine_changed, write_results  # noqa: E402
-from workloads import (  # noqa: E402
+from benchlib.harness import Timing, measure, run_schedule, touch  # noqa: E402
+from benchlib.report import machine, plot_scaling, warn_if_engine_changed, write_results  # noqa: E402
+from benchlib.workloads import (  # noqa: E402
     ENDLESS,
     IO_5MS_SLEEP_S,
     IO_SLEEP_S,
@@ -77,7 +77,7 @@ QUICK_OVERHEAD_ACTORS = (1,)
 DEPTH = 4  # records in flight per actor: mpfeed's default depth, and the bare actors' too
 SETTLE_S = 60.0  # longest wait for a run's actors and processes to be gone before the next run
 
-# -- the cluster --------------------------------------------------------------------------------------
+# -- the cluster ---------------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -173,11 +173,11 @@ def stats(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
 
 
-# -- part 1: io against the actor count ----------------------------------------------------------------
+# -- part 1: io against the actor count ----------------------------------------------------------------------
 
 
 def scaling_rows(counts: tuple[int, ...], timing: Timing) -> list[tuple[str, Callable[[], dict]]]:
-    from contenders import mpfeed_dataset, mpfeed_ray_dataset
+    from benchlib.contenders import mpfeed_dataset, mpfeed_ray_dataset
 
     io = WORKLOADS["io"]
     rows = []
@@ -202,7 +202,7 @@ def scaling_rows(counts: tuple[int, ...], timing: Timing) -> list[tuple[str, Cal
 
 
 def summarize_scaling(results: dict, counts: tuple[int, ...]) -> dict:
-    """The shape `scale.plot` draws: ideal and, per row, rate and efficiency by actor count."""
+    """The shape `report.plot_scaling` draws: ideal and, per row, rate and efficiency by actor count."""
     rows: dict[str, dict] = {}
     for label, reps in results.items():
         name, count = label.rsplit(" x", 1)
@@ -258,7 +258,7 @@ def scaling_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-# -- part 2: io-5ms, mpfeed on Ray against Ray Data's to_tf and from_generator ----------------------------
+# -- part 2: io-5ms, mpfeed on Ray against Ray Data's to_tf and from_generator -------------------------------
 
 
 def ray_data_available() -> bool:
@@ -270,7 +270,7 @@ def ray_data_available() -> bool:
 
 
 def compare_rows(actors: int, rows: int, timing: Timing) -> list[tuple[str, Callable[[], dict]]]:
-    from contenders import from_generator, mpfeed_ray_dataset, ray_data_to_tf
+    from benchlib.contenders import from_generator, mpfeed_ray_dataset, ray_data_to_tf
 
     workload = RAY_WORKLOADS["io-5ms"]
     batch = workload.batch_size or 1
@@ -335,7 +335,7 @@ def compare_table(summary: dict, actors: int) -> str:
     return "\n".join(lines)
 
 
-# -- part 3: the per-record cost of the Ray path -----------------------------------------------------------
+# -- part 3: the per-record cost of the Ray path -------------------------------------------------------------
 
 
 def _window(
@@ -486,7 +486,7 @@ def overhead_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-# -- targets, output -------------------------------------------------------------------------------------
+# -- targets, output -----------------------------------------------------------------------------------------
 
 
 def targets(scaling: dict, compare: dict, compare_actors: int) -> list[str]:
@@ -607,9 +607,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     base = write_results("scale-ray", document, default=_plain)
     if scaling is not None:
-        from scale import plot
-
-        plot(
+        plot_scaling(
             scaling,
             base.with_suffix(".png"),
             f"mpfeed on Ray (3-node local cluster): {info['cpu_model']}, {info['usable_cores']} cores",

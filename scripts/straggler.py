@@ -1,5 +1,5 @@
-"""The `straggler` workload of BENCH.md: uneven costs, and how much of the workers' combined rate each
-loader still delivers.
+"""The `straggler` workload of docs/benchmarks.md: uneven costs, and how much of the workers' combined rate
+each loader still delivers.
 
 Every element waits like I/O (``time.sleep``, 4 ms as a rule) and is 64 bytes and an int64 label; 8
 workers make them. Three patterns (`workloads.straggler_cost`): `half-speed`, one worker at half speed;
@@ -45,9 +45,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 
-from harness import Pipeline, Timing, measure, run_schedule
-from report import figure_grid, machine, save_figure, warn_if_engine_changed, write_results
-from workloads import (
+from benchlib.harness import Pipeline, Timing, measure, run_schedule
+from benchlib.report import figure_grid, machine, save_figure, warn_if_engine_changed, write_results
+from benchlib.workloads import (
     NO_WAIT,
     STRAGGLER_LENGTH,
     STRAGGLER_PATTERNS,
@@ -76,7 +76,7 @@ TARGETS = {
 }
 
 
-# -- the rows ------------------------------------------------------------------------------------------
+# -- the rows ------------------------------------------------------------------------------------------------
 
 
 def feeder_pipeline(feeder: mpfeed.Feeder) -> Pipeline:
@@ -155,7 +155,7 @@ def rows(contenders: tuple[str, ...] = CONTENDERS) -> list[Row]:
     return [row for row in made if row.contender in contenders]
 
 
-# -- the limits ----------------------------------------------------------------------------------------
+# -- the limits ----------------------------------------------------------------------------------------------
 
 
 @functools.cache
@@ -195,7 +195,7 @@ def sleep_length(seconds: float = STRAGGLER_SLEEP_S, probes: int = SLEEP_PROBES)
     return (time.perf_counter() - started) / probes
 
 
-# -- the run and the report ------------------------------------------------------------------------------
+# -- the run and the report ----------------------------------------------------------------------------------
 
 
 def schedule(plan: list[Row], workers: int, timing: Timing) -> dict:

@@ -26,7 +26,7 @@ import mpfeed
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "distributed_fit.py"
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "tf-distribute.md"  # its example is an excerpt of SCRIPT
 # Both shuffled runs use the same seed: their orders must be the same.
 RUNS = ["ordered", "shuffled", "generator", "shuffled"]
 EPOCHS = 2
@@ -174,12 +174,10 @@ def test_the_workers_leave_no_process_and_no_shared_memory_name(cluster):
     assert not cluster["shm_left"]
 
 
-def test_the_readme_shows_the_code_the_workers_run():
-    """The README's multi-worker example is an excerpt of scripts/distributed_fit.py: its lines appear
+def test_the_docs_show_the_code_the_workers_run():
+    """docs/tf-distribute.md's example is an excerpt of scripts/distributed_fit.py: its lines appear
     there in the same order ("..." marks what it leaves out)."""
-    text = README.read_text()
-    section = text[text.index("### Several hosts: tf.distribute") :]
-    blocks = re.findall(r"```python\n(.*?)```", section[: section.index("\n### ")], re.S)
+    blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(), re.S)
     assert blocks
     script = [line.strip() for line in SCRIPT.read_text().splitlines()]
     position = 0
@@ -187,7 +185,7 @@ def test_the_readme_shows_the_code_the_workers_run():
         for line in (line.strip() for line in block.splitlines()):
             if not line or line == "...":
                 continue
-            assert line in script[position:], f"README line not in {SCRIPT.name} (in order): {line!r}"
+            assert line in script[position:], f"{PAGE.name} line not in {SCRIPT.name} (in order): {line!r}"
             position = script.index(line, position) + 1
 
 

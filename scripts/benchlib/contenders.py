@@ -1,5 +1,5 @@
-"""The contenders of BENCH.md: what a user would otherwise feed `tf.data` with, mpfeed's own rows, and the
-optional peers (PyTorch's DataLoader, Grain) when they are installed.
+"""The contenders of docs/benchmarks.md: what a user would otherwise feed `tf.data` with, mpfeed's own
+rows, and the optional peers (PyTorch's DataLoader, Grain) when they are installed.
 
 Each contender builds a `harness.Pipeline` for one workload and worker count. This module imports
 TensorFlow, and Keras itself only where `keras-pydataset` runs (TensorFlow >= 2.16 loads part of Keras on
@@ -21,16 +21,18 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from harness import Contender, Pipeline
-from workloads import ENDLESS, WORKLOADS, IndexedItems, Workload, item_row
 
 import mpfeed
 
+from .harness import Contender, Pipeline
+from .workloads import ENDLESS, WORKLOADS, IndexedItems, Workload, item_row
+
 QUEUE_SIZE = 10  # thread-queue's queue.Queue(maxsize=...)
+CEILING_ELEMENTS = 8  # distinct elements in the from_generator-ceiling's list
 POOL_IN_FLIGHT = 4  # mp-pool: tasks in flight per worker (as mpfeed's default depth)
 
 
-# -- helpers -------------------------------------------------------------------------------------------
+# -- helpers -------------------------------------------------------------------------------------------------
 
 
 @functools.cache
@@ -50,7 +52,19 @@ def from_generator_over(generator: Callable[[], Iterable[Any]], workload: Worklo
     return Pipeline(batch_in_graph(dataset, workload), batched=workload.batch_size is not None)
 
 
-# -- contenders 1-6 of BENCH.md --------------------------------------------------------------------------
+# -- contenders 1-6 of docs/benchmarks.md --------------------------------------------------------------------
+
+
+def ceiling(workload: Workload) -> Pipeline:
+    """The `from_generator-ceiling` limit: `from_generator` over a prebuilt in-memory list of the
+    workload's elements, no work at all."""
+    prebuilt = [workload.item(i) for i in range(CEILING_ELEMENTS)]
+
+    def cycle() -> Iterable[Any]:
+        for i in range(ENDLESS):
+            yield prebuilt[i % CEILING_ELEMENTS]
+
+    return from_generator_over(cycle, workload)
 
 
 def from_generator(workload: Workload, workers: int) -> Pipeline:
@@ -205,7 +219,7 @@ def mpfeed_b256(workload: Workload, workers: int) -> Pipeline:
     return mpfeed_dataset(workload, workers, batch_size=256)
 
 
-# -- the Ray backend and Ray Data (scale_ray.py, on a cluster it connected to) ---------------------------
+# -- the Ray backend and Ray Data (scale_ray.py, on a cluster it connected to) -------------------------------
 
 
 def mpfeed_ray_dataset(workload: Workload, workers: int, batch_size: int | None = None) -> Pipeline:
@@ -237,7 +251,7 @@ def ray_data_to_tf(workload: Workload, rows: int) -> Pipeline:
     return Pipeline(tf_dataset, batched=True)
 
 
-# -- optional peers: only when importable ---------------------------------------------------------------
+# -- optional peers: only when importable --------------------------------------------------------------------
 
 
 def to_numpy(nest: Any) -> Any:
@@ -277,7 +291,8 @@ def grain_loader(workload: Workload, workers: int) -> Pipeline:
     """Grain's ``MapDataset.source(items).to_iter_dataset().mp_prefetch(N workers)``, under
     `from_generator`. Each worker process makes one element at a time (``ReadOptions(num_threads=0)``; by
     default each would run 16 reading threads, which would make it a thread pool, not the N workers
-    BENCH.md compares) and keeps ``per_worker_buffer_size`` elements ready, the same depth as the others.
+    docs/benchmarks.md compares) and keeps ``per_worker_buffer_size`` elements ready, the same depth as
+    the others.
     Grain always spawns its workers, and a spawned worker imports the main script again (`bench.py` and
     `scale.py` load TensorFlow only outside such workers, as a careful training script would) and, to
     unpickle the items, `workloads`."""
@@ -316,7 +331,7 @@ def importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-# -- the registry ----------------------------------------------------------------------------------------
+# -- the registry --------------------------------------------------------------------------------------------
 
 
 CONTENDERS = [

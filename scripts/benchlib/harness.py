@@ -1,12 +1,12 @@
 """The harness: build one pipeline, consume it and time it; run every row of every workload in interleaved
 repetitions, with progress.
 
-`measure` consumes a pipeline as BENCH.md says training does: a Python loop that touches every element
-or, for a workload of large elements (`transfer`), inside the `tf.data` graph; it reports three things
-apart: start-up (building the pipeline: processes, pools, datasets), time to the first element (from the
-start of building), and the steady-state rate (the elements that arrive after a warm-up, over a fixed
-time). `run` makes every repetition run every row once, in an order rotated between repetitions. Nothing
-here imports TensorFlow at module level: the contenders bring it (`contenders.py`).
+`measure` consumes a pipeline as docs/benchmarks.md says training does: a Python loop that touches every
+element or, for a workload of large elements (`transfer`), inside the `tf.data` graph; it reports three
+things apart: start-up (building the pipeline: processes, pools, datasets), time to the first element
+(from the start of building), and the steady-state rate (the elements that arrive after a warm-up, over a
+fixed time). `run_schedule` makes every repetition run every row once, in an order rotated between
+repetitions. Nothing here imports TensorFlow at module level: the contenders bring it (`contenders.py`).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from limits import ceiling, memcpy, memcpy_preallocated, one_core
-from workloads import Workload, leaves
+
+from .workloads import Workload, leaves
 
 SETTLE_S = 10  # longest wait for one pipeline's processes to exit before the next measurement
 HANG_S = 180  # a measurement that takes longer than this dumps every stack and ends the run
@@ -110,7 +110,7 @@ def consume(pipeline: Pipeline, in_graph: bool) -> tuple[Iterator[int], str, flo
     return (touch(element, pipeline.batched) for element in elements), PYTHON_LOOP, 0.0
 
 
-# -- measuring -----------------------------------------------------------------------------------------
+# -- measuring -----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -188,58 +188,6 @@ def settle(timeout_s: float = SETTLE_S) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and any(map(running, psutil.Process().children(recursive=True))):
         time.sleep(0.02)
-
-
-def measure_call(function: Callable[[Workload, float], float], workload: Workload, timing: Timing) -> dict:
-    return {"rate": function(workload, timing.duration_s)}
-
-
-# -- the run -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Plan:
-    workloads: list[Workload]
-    contenders: list[Contender]
-    workers: dict[str, int]
-    reps: int
-    timing: Timing
-    results: dict = field(default_factory=dict)  # workload -> row -> [measurement per repetition]
-
-    def rows(self, workload: Workload) -> list[tuple[str, Callable[[], dict]]]:
-        """Every measurement one repetition makes for ``workload``: (row name, thunk)."""
-        workers = self.workers[workload.name]
-        rows = [
-            (
-                c.name,
-                lambda c=c: measure(
-                    lambda: c.build(workload, workers),
-                    self.timing,
-                    c.round_items(workload, workers),
-                    workload.in_graph,
-                ),
-            )
-            for c in self.contenders
-            if c.workloads is None or workload.name in c.workloads
-        ]
-        rows.append(
-            (
-                "from_generator-ceiling",
-                lambda: measure(lambda: ceiling(workload, 0), self.timing, in_graph=workload.in_graph),
-            )
-        )
-        if workload.limit == "ideal-cpu":
-            rows.append(("one-core", lambda: measure_call(one_core, workload, self.timing)))
-        if workload.limit == "memcpy":
-            rows.append(("memcpy", lambda: measure_call(memcpy, workload, self.timing)))
-            rows.append(
-                ("memcpy-preallocated", lambda: measure_call(memcpy_preallocated, workload, self.timing))
-            )
-        return rows
-
-
-def run(plan: Plan) -> None:
-    run_schedule({w.name: plan.rows(w) for w in plan.workloads}, plan.reps, plan.results)
 
 
 def run_schedule(

@@ -1,6 +1,7 @@
-"""The limits of this machine, reported beside the contenders (BENCH.md, "Limits to report beside them"):
-one core's rate of the work alone, the memcpy of one element into new memory (and into memory allocated
-beforehand), `from_generator` over an in-memory list, and which of them bounds each workload.
+"""The limits of this machine, reported beside the contenders (docs/benchmarks.md, "Limits to report
+beside them"): one core's rate of the work alone, the memcpy of one element into new memory (and into
+memory allocated beforehand), and which limit bounds each workload. The fourth, `from_generator` over an
+in-memory list, needs TensorFlow, so it lives with the contenders (`contenders.ceiling`).
 """
 
 from __future__ import annotations
@@ -10,27 +11,30 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from workloads import ENDLESS, IO_SLEEP_S, Workload, calls_per_second, leaves
 
-if TYPE_CHECKING:
-    from harness import Pipeline
+from .workloads import IO_SLEEP_S, Workload, calls_per_second, leaves
 
 MEMCPY_MIN_SPAN_BYTES = 64 * 2**20  # the memcpy limits rotate over at least this, and 4x the last-level cache
 GLIBC_MMAP_THRESHOLD = 128 * 1024  # glibc's initial mmap threshold, before it adapts to freed blocks
-CEILING_ELEMENTS = 8  # distinct elements in the from_generator-ceiling's list
 
 
 def one_core(workload: Workload, duration: float) -> float:
     """Elements per second of the work alone, no pipeline, in a fresh interpreter (like a worker's, and
     untouched by TensorFlow's threads or this process' heap)."""
-    command = [sys.executable, str(Path(__file__).with_name("workloads.py")), str(duration), workload.name]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    command = [sys.executable, "-m", "benchlib.workloads", str(duration), workload.name]
+    output = subprocess.run(command, check=True, capture_output=True, text=True, env=scripts_on_path()).stdout
     return json.loads(output)[workload.name]
+
+
+def scripts_on_path(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process') with the scripts folder, which holds `benchlib`, on PYTHONPATH."""
+    env = dict(os.environ if env is None else env)
+    scripts = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (scripts, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def last_level_cache_bytes() -> int:
@@ -51,14 +55,13 @@ def memcpy_span(element_bytes: int) -> int:
     return max(2, span // element_bytes)
 
 
-# Run by `memcpy` in a fresh interpreter: argv is the scripts folder, seconds, count, dtype, shape...;
-# prints copies per second.
+# Run by `memcpy` in a fresh interpreter, with the scripts folder on its path: argv is seconds, count,
+# dtype, shape...; prints copies per second.
 MEMCPY_NEW_ARRAY = """
 import sys
 import numpy as np
-scripts, seconds, count, dtype, *shape = sys.argv[1:]
-sys.path.insert(0, scripts)
-from workloads import calls_per_second
+seconds, count, dtype, *shape = sys.argv[1:]
+from benchlib.workloads import calls_per_second
 sources = [np.ones(tuple(map(int, shape)), dtype) for _ in range(int(count))]
 for source in sources:
     np.copy(source)
@@ -78,17 +81,9 @@ def memcpy(workload: Workload, duration: float) -> float:
     `memcpy-preallocated` row). The sources rotate over a span far larger than the last-level cache."""
     source = np.asarray(leaves(workload.item(0))[0])
     shape = [str(n) for n in source.shape]
-    scripts = str(Path(__file__).parent)
-    command = [
-        sys.executable,
-        "-c",
-        MEMCPY_NEW_ARRAY,
-        scripts,
-        str(duration),
-        str(memcpy_span(source.nbytes)),
-    ]
+    command = [sys.executable, "-c", MEMCPY_NEW_ARRAY, str(duration), str(memcpy_span(source.nbytes))]
     command += [source.dtype.str, *shape]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(GLIBC_MMAP_THRESHOLD)}
+    env = scripts_on_path({**os.environ, "MALLOC_MMAP_THRESHOLD_": str(GLIBC_MMAP_THRESHOLD)})
     output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return float(output)
 
@@ -105,20 +100,6 @@ def memcpy_preallocated(workload: Workload, duration: float) -> float:
     for target, origin in zip(targets, sources):
         np.copyto(target, origin)
     return calls_per_second(lambda i: np.copyto(targets[i % count], sources[i % count]), duration)
-
-
-def ceiling(workload: Workload, workers: int) -> Pipeline:
-    """`from_generator` over a prebuilt in-memory list of the workload's elements: no work at all. The one
-    limit that needs TensorFlow, which comes with the contenders."""
-    from contenders import from_generator_over
-
-    prebuilt = [workload.item(i) for i in range(CEILING_ELEMENTS)]
-
-    def cycle() -> Iterable[Any]:
-        for i in range(ENDLESS):
-            yield prebuilt[i % CEILING_ELEMENTS]
-
-    return from_generator_over(cycle, workload)
 
 
 LIMIT_ROWS = {"ideal", "one-core", "memcpy", "memcpy-preallocated", "from_generator-ceiling"}

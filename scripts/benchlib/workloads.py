@@ -1,4 +1,4 @@
-"""The workloads of BENCH.md, shared by every contender.
+"""The workloads of docs/benchmarks.md, shared by every contender.
 
 Each workload has a plain per-item function, ``item(i) -> element``, for the contenders that call the
 work themselves (`from_generator`, threads, `tf-map`, pools), and ``Workload.source``, mpfeed's source
@@ -40,7 +40,7 @@ def _image(i: int) -> np.ndarray:
     return np.full(IMAGE_SHAPE, i % 256, dtype=np.uint8)
 
 
-# -- io: slow storage ---------------------------------------------------------------------------------
+# -- io: slow storage ----------------------------------------------------------------------------------------
 
 
 def io_item(i: int) -> tuple[np.ndarray, np.int64]:
@@ -48,7 +48,7 @@ def io_item(i: int) -> tuple[np.ndarray, np.int64]:
     return _image(i), np.int64(i)
 
 
-# -- decode: JPEG decode and resize (Pillow releases the GIL) -----------------------------------------
+# -- decode: JPEG decode and resize (Pillow releases the GIL) ------------------------------------------------
 
 
 @functools.cache
@@ -68,7 +68,7 @@ def decode_item(i: int) -> tuple[np.ndarray, np.int64]:
     return np.asarray(resized), np.int64(i)
 
 
-# -- python: pure-Python work that holds the GIL -------------------------------------------------------
+# -- python: pure-Python work that holds the GIL -------------------------------------------------------------
 
 
 @functools.cache
@@ -89,7 +89,7 @@ def python_item(i: int) -> tuple[np.ndarray, np.int64]:
     return _image(i + int(area)), np.int64(i)
 
 
-# -- transfer: bytes through the transport -------------------------------------------------------------
+# -- transfer: bytes through the transport -------------------------------------------------------------------
 
 
 @functools.cache
@@ -104,14 +104,14 @@ def transfer_item(i: int) -> np.ndarray:
     return _big_array()
 
 
-# -- tiny: the per-element overhead --------------------------------------------------------------------
+# -- tiny: the per-element overhead --------------------------------------------------------------------------
 
 
 def tiny_item(i: int) -> tuple[np.ndarray, np.int64]:
     return np.full(TINY_VALUES, i, dtype=np.float32), np.int64(i)
 
 
-# -- straggler: uneven I/O-like waits (BENCH.md) -----------------------------------------------------------
+# -- straggler: uneven I/O-like waits (docs/benchmarks.md) ---------------------------------------------------
 #
 # Every element sleeps; what varies is how long. Costs are fixed by the element's index (and, in
 # `half-speed`, by the process that makes it), so every contender meets the same costs.
@@ -207,7 +207,7 @@ class StragglerItems(_Items):
         return straggler_item(self.pattern, index, slow=self.pattern == "half-speed" and first == 0)
 
 
-# -- autotune: random-access forms of io and python, and a cheap source for a slow consumer ----------------
+# -- autotune: random-access forms of io and python, and a cheap source for a slow consumer ------------------
 
 # Elements in one pass: far more than an autotune row takes (io reaches about 3,000/s for about 25 s), yet
 # not ENDLESS, for the same reason as STRAGGLER_LENGTH: a random-access epoch's order is built up front.
@@ -246,7 +246,7 @@ class AutotuneItems(_Items):
         return AUTOTUNE_ITEMS[self.name](index)
 
 
-# -- the mpfeed source: this shard's items, in the signature mpfeed calls ---------------------------------
+# -- the mpfeed source: this shard's items, in the signature mpfeed calls ------------------------------------
 
 
 def shard_items(item: Callable[[int], Any], n: int, shard: Any) -> Iterator[Any]:
@@ -256,7 +256,7 @@ def shard_items(item: Callable[[int], Any], n: int, shard: Any) -> Iterator[Any]
         yield item(i)
 
 
-# -- the table of workloads ------------------------------------------------------------------------------
+# -- the table of workloads ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -292,7 +292,7 @@ WORKLOADS: dict[str, Workload] = {
 }
 
 
-# -- the Ray backend's workloads (scale_ray.py): kept out of WORKLOADS, which bench.py runs whole ----------
+# -- the Ray backend's workloads (scale_ray.py): kept out of WORKLOADS, which bench.py runs whole ------------
 
 IO_5MS_SLEEP_S = 0.005
 RAY_BATCH = 16  # `io-5ms` comes in batches of this many: mpfeed's worker-side batches, to_tf's, .batch()'s
@@ -389,7 +389,7 @@ def one_core_rate(name: str, seconds: float) -> float:
 
 
 if __name__ == "__main__":
-    # `python scripts/workloads.py [seconds] [names...]`: one core's rate of each workload, as JSON.
+    # `python -m benchlib.workloads [seconds] [names...]` (from scripts/): one core's rate of each, as JSON.
     import json
     import sys
 

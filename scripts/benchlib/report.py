@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from harness import Plan, usable_cores
-from limits import LIMIT_ROWS, limit_of
-from workloads import element_bytes
 
 import mpfeed
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench-results"
+from .harness import usable_cores
+from .limits import LIMIT_ROWS, limit_of
+from .plan import Plan
+from .workloads import element_bytes
+
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench-results"
 
 
 def summarize(plan: Plan) -> dict:
@@ -235,6 +237,34 @@ def plot(summary: dict, path: Path, title: str) -> None:
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[count:]:
         ax.axis("off")
+    save_figure(figure, title, path)
+
+
+def plot_scaling(summary: dict, path: Path, title: str) -> None:
+    """Rate and efficiency against the worker (or actor) count, one column per workload: `make scale`'s
+    and `make scale-ray`'s figure."""
+    columns = len(summary)
+    figure, axes = figure_grid(2, columns, (5, 3.5))
+    for column, (name, entry) in enumerate(summary.items()):
+        counts = list(entry["ideal"])
+        top, bottom = axes[0][column], axes[1][column]
+        top.plot(counts, [entry["ideal"][c] for c in counts], "k--", label="ideal")
+        for contender, cells in entry["rows"].items():
+            xs = [c for c in counts if c in cells]
+            style = "o-" if contender.startswith("mpfeed") else ".-"
+            top.plot(xs, [cells[c]["rate"] for c in xs], style, label=contender)
+            bottom.plot(xs, [100 * (cells[c]["efficiency"] or 0) for c in xs], style, label=contender)
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(counts, [str(c) for c in counts])
+            ax.set_xlabel("workers")
+            ax.grid(alpha=0.3)
+        top.set_yscale("log")
+        top.set_title(name)
+        top.set_ylabel("elements/s")
+        bottom.set_ylabel("% of ideal")
+        bottom.set_ylim(0, 110)
+        top.legend(fontsize=7)
     save_figure(figure, title, path)
 
 
