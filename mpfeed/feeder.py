@@ -193,7 +193,8 @@ class Feeder:
             ``ring_memory``, ``slot_bytes``, ``shm_budget``, ``workers="auto"``) do not apply.
         dtypes: a nest (tuples, dicts) of numpy dtypes, ``object`` for text: the workers convert every
             element to it as `tf.data.Dataset.from_generator` converts to its signature (see
-            `mpfeed.conform`); `mpfeed.from_generator` passes its signature's. None: elements as made.
+            `mpfeed.conform`); `mpfeed.from_generator` passes its signature's (``dtypes=
+            mpfeed.tf.numpy_dtypes(signature)`` does the same for ``dataset(signature)``). None: as made.
     """
 
     def __init__(

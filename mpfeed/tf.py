@@ -60,7 +60,9 @@ def check_signature(element: Any, signature: Any) -> None:
     except _Mismatch as mismatch:
         raise TypeError(
             f"the element's structure does not match output_signature: {mismatch} (the element is "
-            f"{_sketch(element)}, output_signature is {_sketch(signature)})"
+            f"{_sketch(element)}, output_signature is {_sketch(signature)}). To have lists and scalars "
+            "converted to the signature as tf.data converts them, use mpfeed.from_generator, or "
+            "Feeder(..., dtypes=mpfeed.tf.numpy_dtypes(output_signature))"
         ) from None
     for path, spec, leaf in leaves:
         if isinstance(leaf, (bytes, str)) or (isinstance(leaf, np.ndarray) and leaf.dtype.kind in "OSU"):

@@ -257,3 +257,14 @@ def test_an_iterator_checkpoint_says_what_to_use_instead(tmp_path):
     with pytest.raises(tf.errors.FailedPreconditionError) as raised:
         tf.train.Checkpoint(iterator=plain).save(str(tmp_path / "plain"))
     assert "mpfeed" not in str(raised.value)
+
+
+def test_a_feeders_own_dataset_converts_when_given_the_signatures_dtypes():
+    """Without ``dtypes`` a list for a tensor is refused, with the way to have it converted in the
+    message; with them, the feeder's own dataset converts as from_generator does."""
+    signature = S((3,), tf.float32)
+    with mpfeed.Feeder([[1, 2, 3]], workers=1) as feeder:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"numpy_dtypes\(output_signature\)"):
+            list(feeder.dataset(signature))
+    with mpfeed.Feeder([[1, 2, 3]], workers=1, dtypes=mpfeed.tf.numpy_dtypes(signature)) as feeder:
+        assert [e.numpy().tolist() for e in feeder.dataset(signature)] == [[1.0, 2.0, 3.0]]
