@@ -25,18 +25,16 @@ def conform_items(items: list[tuple[Treedef, list]], target: Any) -> list[tuple[
     """Flattened elements (as a worker makes them) converted to ``target``: the signature's structure
     (tuples and dicts in its key order), each leaf in its dtype. `TypeError` names the first leaf that
     tf.data would refuse too."""
-    target_treedef, dtypes = flatten(target)
+    target_treedef, dtypes = _flat(target)
     conformed = []
     for treedef, leaves in items:
         if treedef == target_treedef:  # the common case: already the signature's structure
-            paths = None
             out = []
             for index, (leaf, dtype) in enumerate(zip(leaves, dtypes)):
                 if type(leaf) is np.ndarray and leaf.dtype == dtype:
                     out.append(leaf)
-                    continue
-                paths = paths or leaf_paths(target_treedef)
-                out.append(convert_leaf(leaf, dtype, paths[index]))
+                else:
+                    out.append(convert_leaf(leaf, dtype, index, target_treedef))
             conformed.append((treedef, out))
         else:
             conformed.append(flatten(conform(unflatten(treedef, leaves), target)))
@@ -59,13 +57,32 @@ def conform(element: Any, target: Any, path: str = "element") -> Any:
     return convert_leaf(element, target, path)
 
 
-def convert_leaf(value: Any, dtype: np.dtype, path: str) -> Any:
+_FLAT_TARGETS: dict[int, tuple[Any, Treedef, list]] = {}
+
+
+def _flat(target: Any) -> tuple[Treedef, list]:
+    """`flatten` of a target, remembered: a worker converts every element to the same one."""
+    known = _FLAT_TARGETS.get(id(target))
+    if known is None or known[0] is not target:
+        if len(_FLAT_TARGETS) > 8:
+            _FLAT_TARGETS.clear()
+        known = _FLAT_TARGETS[id(target)] = (target, *flatten(target))
+    return known[1], known[2]
+
+
+def convert_leaf(value: Any, dtype: np.dtype, path: str | int, treedef: Treedef = None) -> Any:
     """One leaf converted to ``dtype`` as tf.data converts it (``FuncRegistry._convert``); strings stay
-    bytes or str, which TensorFlow converts itself."""
+    bytes or str, which TensorFlow converts itself. ``path`` names the leaf in errors (or is its index
+    among the leaves of ``treedef``, named only when needed)."""
+    if not isinstance(path, str):
+        try:
+            return convert_leaf(value, dtype, "")
+        except TypeError:
+            return convert_leaf(value, dtype, leaf_paths(treedef)[path])
     if dtype.kind == "O":
         return _text(value, path)
     try:
-        if np.issubdtype(dtype, np.number):
+        if dtype.kind in "iufc":  # np.issubdtype(dtype, np.number), quicker
             array = np.asarray(value, order="C").astype(dtype, copy=False)
         else:
             array = np.asarray(value, dtype=dtype, order="C")
