@@ -242,7 +242,8 @@ def _explain_iterator_checkpoints() -> None:
     TensorFlow refuses it inside `OwnedIterator`'s serialization ("PyFunc is stateful", or "GeneratorDataset
     does not support checkpointing" when told to ignore external state), out of mpfeed's sight: the two
     methods that serialize an iterator are wrapped once, and add `ITERATOR_CHECKPOINT_HINT` to that error
-    (same type) only when an mpfeed dataset is among the iterator's inputs."""
+    (same type) only when an mpfeed dataset is among the iterator's inputs. A symbolic checkpoint, which
+    TensorFlow would save and then resume wrongly, is refused with the same hint."""
     from tensorflow.python.data.ops import iterator_ops
 
     owned = iterator_ops.OwnedIterator
@@ -259,12 +260,23 @@ def _explaining(serialize: Callable) -> Callable:
     @functools.wraps(serialize)
     def explained(iterator: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return serialize(iterator, *args, **kwargs)
+            saved = serialize(iterator, *args, **kwargs)
         except (tf.errors.FailedPreconditionError, tf.errors.UnimplementedError) as error:
             if not _has_feeder(getattr(iterator, "_dataset", None)):
                 raise
             message = f"{ITERATOR_CHECKPOINT_HINT}\n{error.message}"
             raise type(error)(error.node_def, error.op, message) from error
+        if _has_feeder(getattr(iterator, "_dataset", None)):
+            # With experimental_symbolic_checkpoint TensorFlow saves only counts, and a restore replays
+            # the pipeline by calling the generator again: a new pass of the feeder, its next epoch,
+            # whose elements differ (shuffled, or seeded by epoch). Refused rather than resumed wrong.
+            raise tf.errors.FailedPreconditionError(
+                None,
+                None,
+                f"{ITERATOR_CHECKPOINT_HINT}\n(With experimental_symbolic_checkpoint TensorFlow would save "
+                "it, but restoring would replay the feeder's next epoch instead of this one's rest.)",
+            )
+        return saved
 
     return explained
 

@@ -234,13 +234,18 @@ def test_a_dict_signature_for_a_tuple_element_names_the_leaf_and_both_structures
 def test_an_iterator_checkpoint_says_what_to_use_instead(tmp_path):
     """TensorFlow cannot checkpoint an iterator over Python code (from_generator's PyFunc, or, with
     the external-state policy set to ignore it, its GeneratorDataset): the error points to what saves
-    an mpfeed dataset's position, and keeps TensorFlow's type."""
+    an mpfeed dataset's position, and keeps TensorFlow's type. A symbolic checkpoint, which TensorFlow
+    saved and then restored by replaying the feeder's next epoch (another order when shuffled), is
+    refused the same way."""
     with mpfeed.Feeder(list(range(20)), workers=1) as feeder:
         dataset = feeder.dataset(S((), tf.int64))
         pipelines = {"as made": dataset.batch(4).prefetch(2)}
         options = tf.data.Options()
         options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
         pipelines["ignoring external state"] = dataset.map(lambda x: x + 1).with_options(options)
+        symbolic = tf.data.Options()
+        symbolic.experimental_symbolic_checkpoint = True
+        pipelines["symbolic"] = dataset.shuffle(4, seed=0).with_options(symbolic)
         for name, pipeline in pipelines.items():
             iterator = iter(pipeline)
             next(iterator)
