@@ -77,7 +77,7 @@ def check_signature(element: Any, signature: Any) -> None:
 
 
 def _leaves_with_specs(signature: Any, element: Any, path: str):
-    """``(path, spec, leaf)`` for every leaf, in the signature's order; `TypeError` naming the first place
+    """``(path, spec, leaf)`` for every leaf, in the signature's order; `_Mismatch` naming the first place
     where the element's structure differs from the signature's."""
     if isinstance(signature, dict):
         if not isinstance(element, dict) or set(element) != set(signature):
