@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import psutil
 
 from . import bootstrap
@@ -119,6 +120,20 @@ class FeederStats:
     """Per-worker figures, by shard index."""
 
 
+def _dtype_nest(node: Any) -> Any:
+    """``dtypes`` with numpy dtypes at its leaves (tuples and dicts kept); `TypeError` for anything else."""
+    if isinstance(node, dict):
+        return {key: _dtype_nest(child) for key, child in node.items()}
+    if isinstance(node, (tuple, list)):
+        return tuple(_dtype_nest(child) for child in node)
+    try:
+        if node is None:
+            raise TypeError
+        return np.dtype(node)
+    except TypeError:
+        raise TypeError(f"dtypes must be a nest (tuples, dicts) of numpy dtypes, found {node!r}") from None
+
+
 def _usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -183,6 +198,10 @@ class Feeder:
             (order, shuffle, seeds, batches, resume, partitions, errors) is the same; ``workers``
             defaults to the cluster's CPUs, and the local engine's own options (``start_method``,
             ``ring_memory``, ``slot_bytes``, ``shm_budget``, ``workers="auto"``) do not apply.
+        dtypes: a nest (tuples, dicts) of numpy dtypes, ``object`` for text: the workers convert every
+            element to it as `tf.data.Dataset.from_generator` converts to its signature (see
+            `mpfeed.conform`); `mpfeed.from_generator` passes its signature's (``dtypes=
+            mpfeed.tf.numpy_dtypes(signature)`` does the same for ``dataset(signature)``). None: as made.
     """
 
     def __init__(
@@ -207,6 +226,7 @@ class Feeder:
         shm_budget: int | None = None,
         backend: RayBackend | None = None,
         partition_remainder: str = "pad",
+        dtypes: Any = None,
     ) -> None:
         if bootstrap.importing_main:
             raise RuntimeError(
@@ -312,6 +332,7 @@ class Feeder:
             partition=partition,
             shm_budget=shm_budget,
             max_workers=autotune[1] if autotune is not None else count,
+            dtypes=None if dtypes is None else _dtype_nest(dtypes),
         )
         self._started = time.monotonic()
         self._consumer = Consumer(

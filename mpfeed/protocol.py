@@ -46,6 +46,7 @@ import select
 import struct
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Any
 
 FILLED, INLINE, END, ATTACHED, FAILED, TIMES = b"F", b"I", b"E", b"A", b"X", b"M"
 CREDIT, RING, EPOCH, TASK, STOP = b"C", b"R", b"N", b"T", b"S"
@@ -90,6 +91,7 @@ class WorkerSetup:
     indexed: bool  # a random-access source: the worker makes records of the tasks it is sent
     parent_pid: int  # the process that started it: the consumer, or the fork server (set there)
     consumer_pid: int
+    dtypes: Any = None  # a nest of numpy dtypes every element is converted to (see `mpfeed.conform`)
 
 
 @dataclass(frozen=True)

@@ -183,6 +183,7 @@ class RaySupervisor(Supervisor):
                 parent_pid=os.getpid(),
                 consumer_pid=os.getpid(),
                 indexed=config.indexed,
+                dtypes=config.dtypes,
             )
             actor = actor_class.remote(work, setup)
             self.handles.append(ActorHandle(offset, _ActorProcess(0), None, None, actor=actor))

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import protocol, tfguard
+from .conform import conform_items
 from .layout import Encoder, aligned_empty
 from .shard import Shard, shard_seed
 from .worker import ShardEpoch, SourceFailed, describe_failure, task_items
@@ -138,6 +139,8 @@ class ActorWorker:
     def _encode(self, items: list, first: int, batched: bool) -> np.ndarray:
         """The record as a 64-byte-aligned uint8 array; `_Refused` for an element mpfeed cannot carry."""
         try:
+            if self.setup.dtypes is not None:
+                items = conform_items(items, self.setup.dtypes)
             record = self.encoder.prepare(items, first, batched)
         except (TypeError, ValueError) as error:
             raise _Refused(error, first) from None

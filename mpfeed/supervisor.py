@@ -74,6 +74,7 @@ class WorkerConfig:
     partition: tuple[int, int] = (0, 1)
     shm_budget: int | None = None  # bytes of ring memory for the whole feeder (None: no limit)
     max_workers: int | None = None  # the most workers it may have (autotuning): the budget is shared so
+    dtypes: Any = None  # a nest of numpy dtypes the workers convert every element to (`mpfeed.conform`)
 
 
 @dataclass(eq=False)
@@ -167,6 +168,7 @@ class Supervisor:
                     parent_pid=os.getpid(),
                     consumer_pid=os.getpid(),
                     indexed=config.indexed,
+                    dtypes=config.dtypes,
                 )
                 for offset, ring in enumerate(rings)
             ]

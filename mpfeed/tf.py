@@ -6,6 +6,7 @@ views point into the ring; the feeder returns a slot only when the last such ten
 
 from __future__ import annotations
 
+import functools
 import json
 import weakref
 from collections.abc import Callable, Iterator
@@ -52,13 +53,19 @@ def _leaf_spec(leaf: Any, path: str, batched: bool) -> tf.TensorSpec:
 
 
 def check_signature(element: Any, signature: Any) -> None:
-    """`TypeError` naming the first leaf of ``element`` that ``signature`` does not accept."""
+    """`TypeError` naming the first leaf of ``element`` that ``signature`` does not accept, or the first
+    place where their structures differ (with both structures)."""
     try:
-        tf.nest.assert_same_structure(signature, element, check_types=False)
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"the element's structure does not match output_signature: {error}") from None
-    for path, spec, leaf in _leaves_with_specs(signature, element, "element"):
-        if isinstance(leaf, (bytes, str)) or (isinstance(leaf, np.ndarray) and leaf.dtype == object):
+        leaves = list(_leaves_with_specs(signature, element, "element"))
+    except _Mismatch as mismatch:
+        raise TypeError(
+            f"the element's structure does not match output_signature: {mismatch} (the element is "
+            f"{_sketch(element)}, output_signature is {_sketch(signature)}). To have lists and scalars "
+            "converted to the signature as tf.data converts them, use mpfeed.from_generator, or "
+            "Feeder(..., dtypes=mpfeed.tf.numpy_dtypes(output_signature))"
+        ) from None
+    for path, spec, leaf in leaves:
+        if isinstance(leaf, (bytes, str)) or (isinstance(leaf, np.ndarray) and leaf.dtype.kind in "OSU"):
             dtype, shape = tf.string, np.shape(leaf)
         else:
             array = np.asarray(leaf)
@@ -70,14 +77,46 @@ def check_signature(element: Any, signature: Any) -> None:
 
 
 def _leaves_with_specs(signature: Any, element: Any, path: str):
+    """``(path, spec, leaf)`` for every leaf, in the signature's order; `_Mismatch` naming the first place
+    where the element's structure differs from the signature's."""
     if isinstance(signature, dict):
+        if not isinstance(element, dict) or set(element) != set(signature):
+            raise _structure_error(signature, element, path)
         for key, spec in signature.items():
             yield from _leaves_with_specs(spec, element[key], f"{path}[{key!r}]")
     elif isinstance(signature, (tuple, list)):
+        if not isinstance(element, (tuple, list)) or len(element) != len(signature):
+            raise _structure_error(signature, element, path)
         for index, (spec, child) in enumerate(zip(signature, element)):
             yield from _leaves_with_specs(spec, child, f"{path}[{index}]")
+    elif isinstance(element, (tuple, list, dict)):
+        raise _structure_error(signature, element, path)
     else:
         yield path, signature, element
+
+
+class _Mismatch(Exception):
+    """Where an element's structure leaves its signature's."""
+
+
+def _structure_error(signature: Any, element: Any, path: str) -> _Mismatch:
+    return _Mismatch(f"{path} is {_sketch(element)} where output_signature has {_sketch(signature)}")
+
+
+def _sketch(node: Any) -> str:
+    """A structure in a line: leaves as their dtype (specs) or type (values)."""
+    if isinstance(node, dict):
+        return "{" + ", ".join(f"{key!r}: {_sketch(child)}" for key, child in node.items()) + "}"
+    if isinstance(node, (tuple, list)):
+        inner = ", ".join(_sketch(child) for child in node)
+        if isinstance(node, list):
+            return f"[{inner}]"
+        return f"({inner},)" if len(node) == 1 else f"({inner})"
+    if isinstance(node, tf.TypeSpec):
+        return getattr(getattr(node, "dtype", None), "name", type(node).__name__)
+    if isinstance(node, np.ndarray):
+        return f"array{node.shape} of {node.dtype}"
+    return type(node).__name__
 
 
 def _lists_to_tuples(node: Any) -> Any:
@@ -207,10 +246,78 @@ def feeder_dataset(
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         dataset = dataset.with_options(options)
     dataset._mpfeed_feeder = feeder
+    _explain_iterator_checkpoints()
     return dataset
 
 
 _NOTHING = object()
+
+ITERATOR_CHECKPOINT_HINT = (
+    "mpfeed: TensorFlow cannot checkpoint a tf.data iterator over an mpfeed dataset: its elements come "
+    "from Python (from_generator), which tf.data never saves, whatever experimental_external_state_policy "
+    "says. Save the feeder's position instead, and make a new iterator after restoring it: with Keras, "
+    "mpfeed.keras.BackupAndRestore(feeder, backup_dir) as a callback of fit(); with your own loop, "
+    "state = mpfeed.tf.FeederState(feeder) in tf.train.Checkpoint(model=..., feeder=state), setting "
+    "state.consumed to the elements of this epoch the model has consumed before each save."
+)
+
+
+def _explain_iterator_checkpoints() -> None:
+    """Make a failed checkpoint of an iterator over an mpfeed dataset say what to use instead.
+
+    TensorFlow refuses it inside `OwnedIterator`'s serialization ("PyFunc is stateful", or "GeneratorDataset
+    does not support checkpointing" when told to ignore external state), out of mpfeed's sight: the two
+    methods that serialize an iterator are wrapped once, and add `ITERATOR_CHECKPOINT_HINT` to that error
+    (same type) only when an mpfeed dataset is among the iterator's inputs. A symbolic checkpoint, which
+    TensorFlow would save and then resume wrongly, is refused with the same hint."""
+    from tensorflow.python.data.ops import iterator_ops
+
+    owned = iterator_ops.OwnedIterator
+    if getattr(owned, "_mpfeed_explained", False):
+        return
+    for method in ("_serialize_to_tensors", "_save"):
+        original = getattr(owned, method, None)
+        if original is not None:
+            setattr(owned, method, _explaining(original))
+    owned._mpfeed_explained = True
+
+
+def _explaining(serialize: Callable) -> Callable:
+    @functools.wraps(serialize)
+    def explained(iterator: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            saved = serialize(iterator, *args, **kwargs)
+        except (tf.errors.FailedPreconditionError, tf.errors.UnimplementedError) as error:
+            if not _has_feeder(getattr(iterator, "_dataset", None)):
+                raise
+            message = f"{ITERATOR_CHECKPOINT_HINT}\n{error.message}"
+            raise type(error)(error.node_def, error.op, message) from error
+        if _has_feeder(getattr(iterator, "_dataset", None)):
+            # With experimental_symbolic_checkpoint TensorFlow saves only counts, and a restore replays
+            # the pipeline by calling the generator again: a new pass of the feeder, its next epoch,
+            # whose elements differ (shuffled, or seeded by epoch). Refused rather than resumed wrong.
+            raise tf.errors.FailedPreconditionError(
+                None,
+                None,
+                f"{ITERATOR_CHECKPOINT_HINT}\n(With experimental_symbolic_checkpoint TensorFlow would save "
+                "it, but restoring would replay the feeder's next epoch instead of this one's rest.)",
+            )
+        return saved
+
+    return explained
+
+
+def _has_feeder(dataset: Any, depth: int = 0) -> bool:
+    """Whether an mpfeed dataset is ``dataset`` or among its inputs."""
+    if dataset is None or depth > 200:
+        return False
+    if getattr(dataset, "_mpfeed_feeder", None) is not None:
+        return True
+    try:
+        inputs = dataset._inputs()
+    except Exception:  # a dataset kind whose inputs TensorFlow cannot list
+        return False
+    return any(_has_feeder(child, depth + 1) for child in inputs)
 
 
 def _shape_checker(signature: Any) -> Callable[[list], None]:
@@ -292,6 +399,9 @@ def from_generator(
     args: tuple = (),
     *,
     input_context: tf.distribute.InputContext | None = None,
+    output_types: Any = None,
+    output_shapes: Any = None,
+    name: str | None = None,
     **feeder_options: Any,
 ) -> tf.data.Dataset:
     """Shaped like `tf.data.Dataset.from_generator`, but ``source`` runs in worker processes.
@@ -301,14 +411,87 @@ def from_generator(
     ...) pass through. ``input_context`` (from ``strategy.distribute_datasets_from_function``) gives this
     input pipeline its own partition of the data; with ``shuffle=True`` every pipeline needs the same
     ``seed``. The dataset owns its feeder: the workers stop when it is collected.
+
+    With ``output_signature`` (a nest of `tf.TensorSpec`, or one spec), or TensorFlow's older
+    ``output_types`` and ``output_shapes`` (a nest of dtypes in the second place is taken as
+    ``output_types``), the workers convert every element to the signature as tf.data does: numbers to the
+    spec's dtype (float64 to float32, int64 to int32, wrapping and truncating as tf.data does), Python
+    lists and scalars where the signature has a tensor. Without either, the signature is inferred from
+    the first element. What still differs from TensorFlow's: docs/from_generator.md.
     """
     from .feeder import Feeder
 
+    del name  # tf.data names its ops with it; mpfeed's dataset has no ops of its own to name
+    if output_signature is not None and _is_dtype_nest(output_signature) and output_types is None:
+        output_signature, output_types = None, output_signature  # TensorFlow's order: output_types second
+    output_signature = _signature_of(output_signature, output_types, output_shapes)
     if input_context is not None:
         if "partition" in feeder_options:
             raise ValueError("pass input_context or partition, not both")
         feeder_options["partition"] = (input_context.input_pipeline_id, input_context.num_input_pipelines)
+    if output_signature is not None:
+        if "dtypes" in feeder_options:
+            raise ValueError("pass output_signature (or output_types) or dtypes, not both")
+        feeder_options["dtypes"] = numpy_dtypes(output_signature)
     return Feeder(source, args=args, **feeder_options).dataset(output_signature)
+
+
+def numpy_dtypes(signature: Any, path: str = "element") -> Any:
+    """The nest of numpy dtypes that workers convert elements to (`mpfeed.conform`), from a signature:
+    tuples (namedtuples too) and dicts kept, ``object`` for strings, as ``tf.DType.as_numpy_dtype``."""
+    if isinstance(signature, dict):
+        return {key: numpy_dtypes(child, f"{path}[{key!r}]") for key, child in signature.items()}
+    if isinstance(signature, (tuple, list)):
+        return tuple(numpy_dtypes(child, f"{path}[{index}]") for index, child in enumerate(signature))
+    if not isinstance(signature, tf.TensorSpec):
+        raise TypeError(
+            f"output_signature has {signature!r} for {path}; mpfeed makes dense tensors: use tf.TensorSpec"
+        )
+    dtype = np.dtype(signature.dtype.as_numpy_dtype)
+    if dtype.kind == "V":  # ml_dtypes' bfloat16, float8, int4: records carry numpy's own dtypes only
+        raise TypeError(
+            f"output_signature has {signature.dtype.name} for {path}, which mpfeed's records cannot carry: "
+            f"ask for float32 there and cast in the pipeline, e.g. dataset.map(lambda x: tf.cast(x, "
+            f"tf.{signature.dtype.name}))"
+        )
+    return dtype
+
+
+def _is_dtype_nest(node: Any) -> bool:
+    leaves = tf.nest.flatten(node)
+    return bool(leaves) and all(isinstance(leaf, tf.dtypes.DType) for leaf in leaves)
+
+
+def _signature_of(output_signature: Any, output_types: Any, output_shapes: Any) -> Any:
+    """``output_signature``, or the one TensorFlow makes of ``output_types`` and ``output_shapes`` (each
+    shape taken at the place of a type, unknown where none is given), refusing what TensorFlow refuses."""
+    if output_signature is not None:
+        if output_types is not None or output_shapes is not None:
+            raise TypeError("output_types and output_shapes can not be used together with output_signature")
+        return output_signature
+    if output_types is None:
+        if output_shapes is not None:
+            raise TypeError("output_shapes needs output_types (or pass output_signature)")
+        return None
+    return _specs(output_types, output_shapes, "output_types")
+
+
+def _specs(types: Any, shapes: Any, path: str) -> Any:
+    if isinstance(types, dict):
+        if shapes is not None and (not isinstance(shapes, dict) or set(shapes) != set(types)):
+            raise TypeError(f"output_shapes does not match output_types at {path}: {shapes!r} for {types!r}")
+        return {
+            key: _specs(child, None if shapes is None else shapes[key], f"{path}[{key!r}]")
+            for key, child in types.items()
+        }
+    if isinstance(types, (tuple, list)):
+        if shapes is not None and (not isinstance(shapes, (tuple, list)) or len(shapes) != len(types)):
+            raise TypeError(f"output_shapes does not match output_types at {path}: {shapes!r} for {types!r}")
+        return tuple(
+            _specs(child, None if shapes is None else shapes[index], f"{path}[{index}]")
+            for index, child in enumerate(types)
+        )
+    return tf.TensorSpec(tf.TensorShape(shapes), tf.as_dtype(types))
 
 
 class FeederState(tf.train.experimental.PythonState):

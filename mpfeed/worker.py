@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from . import protocol, shard
+from .conform import conform_items
 from .layout import Encoder, flatten
 from .ring import Ring
 from .shard import Shard, shard_seed
@@ -233,6 +234,7 @@ class _Worker:
         self.batch_size = setup.batch_size
         self.drop_remainder = setup.drop_remainder
         self.indexed = setup.indexed
+        self.dtypes = setup.dtypes
         self.run_number = 0
         self.epoch = 0
         self.tasks: deque[tuple[int, tuple[int, ...]]] = deque()  # (seq, indices) of the current run
@@ -315,6 +317,8 @@ class _Worker:
         ``first`` is its first element's number (for errors)."""
         run = self.run_number
         try:
+            if self.dtypes is not None:
+                items = conform_items(items, self.dtypes)
             record = self.encoder.prepare(items, first, batched)
         except (TypeError, ValueError) as error:
             raise self._fail("element", error, first, self.epoch) from None

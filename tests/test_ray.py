@@ -200,6 +200,17 @@ def test_dataset_through_tensorflow_with_prefetch(cluster):
         assert float(sums) == float(sum(range(24)) * 64 * 64)
 
 
+def test_actors_convert_elements_to_the_feeders_dtypes(cluster):
+    """``dtypes`` (what from_generator derives from its signature) applies on the actors too."""
+    items = [([i, i + 0.5], np.float64(i)) for i in range(6)]
+    dtypes = (np.int32, np.float32)
+    with mpfeed.Feeder(items, workers=2, dtypes=dtypes, backend=_on_ray()) as feeder:
+        got = list(feeder)
+    assert [(x.dtype, x.tolist(), y.dtype, float(y)) for x, y in got] == [
+        (np.dtype(np.int32), [i, i], np.dtype(np.float32), float(i)) for i in range(6)
+    ]
+
+
 @pytest.mark.parametrize("kind", ["generator", "random-access"])
 def test_an_actor_runs_at_most_depth_records_ahead_of_the_consumer(cluster, tmp_path, kind):
     log = tmp_path / "made"
