@@ -222,7 +222,10 @@ class Consumer:
             progress = served.progress
             handed = progress.count - (len(self._peeked) if served is self._current else 0)
             before = progress.before
-            if consumed is not None and consumed == self.records_per_epoch():
+            if consumed is not None and (
+                consumed == self.records_per_epoch() or (served.complete and consumed > before + handed)
+            ):
+                # The whole epoch (a count past the end of an epoch that ended: its short last batch).
                 return self._start_state(epoch + 1)
             _check(
                 consumed is None or before <= consumed <= before + handed,

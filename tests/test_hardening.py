@@ -403,7 +403,9 @@ def test_a_superseded_iterator_in_another_thread_never_takes_an_element_of_the_n
             finished = ended[0] == "the epoch ended" and len(taken) == n - 1
             assert finished or isinstance(ended[0], mpfeed.SupersededError), f"trial {trial}: {ended[0]!r}"
             epoch = 1 if finished else 0
-            assert second == [(epoch, i) for i in range(n)], f"trial {trial}: the new pass was {second[:5]}..."
+            assert second == [(epoch, i) for i in range(n)], (
+                f"trial {trial}: the new pass was {second[:5]}..."
+            )
 
 
 @pytest.mark.parametrize("n, chunk_size", [(50, None), (50, 1), (3000, None)])

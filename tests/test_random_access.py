@@ -314,7 +314,9 @@ def test_a_checkpoint_saves_and_restores_the_position_with_the_model(tmp_path):
         iterator = iter(feeder)
         before = [next(iterator)["i"] for _ in range(11)]
         step.assign(11)
-        with pytest.raises(ValueError, match="consumed is not set, and the feeder is part way through epoch 0"):
+        with pytest.raises(
+            ValueError, match="consumed is not set, and the feeder is part way through epoch 0"
+        ):
             checkpoint.save(str(tmp_path / "refused"))  # the handed-out position could skip buffered ones
         state.consumed = 11
         path = checkpoint.save(str(tmp_path / "ckpt"))
