@@ -39,8 +39,8 @@ from .shard import Shard, element_rng, element_seed, seekable
 
 if TYPE_CHECKING:
     from .feeder import Feeder, FeederStats, WorkerStats
+    from .generator_dataset import from_generator
     from .ray_backend import RayBackend
-    from .tf import from_generator
 
 __all__ = [
     "BrokenError",
@@ -71,7 +71,7 @@ _CONSUMER_SIDE = {
     "Feeder": "feeder",
     "FeederStats": "feeder",
     "WorkerStats": "feeder",
-    "from_generator": "tf",
+    "from_generator": "generator_dataset",
     "RayBackend": "ray_backend",
 }
 

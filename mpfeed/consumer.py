@@ -27,7 +27,7 @@ from .errors import BrokenError, ClosedError, ShmSpaceError, SupersededError, Wo
 from .leases import Leases, Releases
 from .ordering import FirstReady, RoundRobin, Window
 from .progress import ShardProgress, TaskProgress, TooFarBack
-from .state import FORMAT, check_state
+from .state import FORMAT, check_position, check_state
 from .supervisor import Record, Supervisor, WorkerConfig, WorkerHandle
 
 if TYPE_CHECKING:
@@ -184,15 +184,18 @@ class Consumer:
 
     def _target(self) -> tuple[int, dict | None]:
         """The epoch and loaded position (None: its start) the next pass serves: set_epoch's epoch, from a
-        position loaded for it; else a loaded position; else, once a pass has handed out its whole epoch,
-        the next epoch; else the same epoch again, from where the last pass over it began (a pass that
-        stopped early, a peek or a `take`, moves nothing)."""
-        named, loaded = self._named_epoch, self._resume
+        position loaded for it (even if a pass that stopped early took it); else a loaded position; else,
+        once a pass has handed out its whole epoch, the next epoch; else the same epoch again, from where
+        the last pass over it began (a pass that stopped early, a peek or a `take`, moves nothing)."""
+        named, loaded, current = self._named_epoch, self._resume, self._current
         if named is not None:
-            return named, loaded if loaded is not None and loaded["epoch"] == named else None
+            if loaded is not None and loaded["epoch"] == named:
+                return named, loaded
+            if current.number == named and not (self._epoch_taken and current.complete):
+                return named, current.start  # a loaded position stands until a pass finishes its epoch
+            return named, None
         if loaded is not None:
             return loaded["epoch"], loaded
-        current = self._current
         if self._epoch_taken and current.complete:
             return current.number + 1, None
         return current.number, current.start
@@ -263,11 +266,12 @@ class Consumer:
 
     def records_per_epoch(self) -> int | None:
         """Records (elements, or batches) of an epoch of a random-access source; None for generators."""
-        return self.dispatcher.count if self.dispatcher is not None else None
+        return self.dispatcher.order.records() if self.dispatcher is not None else None
 
     def resume(self, state: dict[str, Any]) -> None:
         """`Feeder.load_state_dict`: the next pass continues from ``state``."""
         check_state(state, self.config)
+        check_position(state, self.records_per_epoch(), len(self.supervisor.handles))
         with self._lock:
             self._check_usable()
             self._resume = dict(state)

@@ -49,13 +49,7 @@ class EpochOrder:
         parts that differ by one."""
         index, count = self.partition
         length = self.length
-        per = -(-length // count) if self.remainder == "pad" else length // count
-        if self.remainder == "uneven" or length % count == 0:
-            stop = length
-        elif self.remainder == "drop":
-            stop = per * count
-        else:
-            stop = per * count  # padded: positions past the end wrap to the order's start
+        stop = self._stop()  # past the length when padded: positions there wrap to the order's start
         if not self.shuffle:
             if stop <= length:
                 return range(index, stop, count)
@@ -66,6 +60,19 @@ class EpochOrder:
         if stop <= length:
             return order[index:stop:count]
         return order[np.arange(index, stop, count, dtype=np.int64) % length]
+
+    def _stop(self) -> int:
+        """Where the dealing of the order into parts stops."""
+        length, count = self.length, self.partition[1]
+        if self.remainder == "uneven" or length % count == 0:
+            return length
+        per = -(-length // count) if self.remainder == "pad" else length // count
+        return per * count
+
+    def records(self) -> int:
+        """Records (tasks) of each epoch of this partition, without making its order."""
+        index, count = self.partition
+        return self.tasks(len(range(index, self._stop(), count)))
 
     def tasks(self, served: int) -> int:
         """How many tasks (records) an epoch of ``served`` positions makes."""
@@ -205,7 +212,7 @@ def encode_done(position: int, done: frozenset[int]) -> str:
 
 
 def decode_done(position: int, text: str) -> frozenset[int]:
-    bits = base64.b64decode(text.encode("ascii")) if text else b""
+    bits = base64.b64decode(text.encode("ascii"), validate=True) if text else b""
     return frozenset(
         position + 1 + 8 * byte + bit
         for byte, value in enumerate(bits)

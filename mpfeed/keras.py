@@ -187,6 +187,9 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 "build it with keras.Input"
             )
         self._skip = 0
+        for name in os.listdir(self.backup_dir) if os.path.isdir(self.backup_dir) else []:
+            if name.startswith(".writing-"):  # a backup a kill interrupted: never renamed into place
+                shutil.rmtree(os.path.join(self.backup_dir, name), ignore_errors=True)
         backups = _backups(self.backup_dir)
         for directory in reversed(backups):  # the newest first; an older one if it cannot be read
             try:

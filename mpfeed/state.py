@@ -10,7 +10,10 @@ A position is the epoch, and how far into it the feeder has handed out records:
 
 from __future__ import annotations
 
+import binascii
 from typing import Any
+
+from .dispatch import decode_done
 
 FORMAT = 1
 # What must match between the feeder that saved a state and the one that loads it.
@@ -47,3 +50,44 @@ def check_state(state: Any, config: dict[str, Any]) -> None:
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+def check_position(state: dict[str, Any], records: int | None, workers: int) -> None:
+    """`ValueError` naming the field of a saved position that can't belong to an epoch of ``records``
+    records (random access) or of ``workers`` shards (generators), instead of an empty or wrong epoch."""
+    epoch = state.get("epoch")
+    _field(_is_count(epoch), "epoch", epoch, "an int >= 0")
+    position: Any = state.get("position")
+    if records is not None:
+        _field(_is_count(position) and position <= records, "position", position, f"an int in [0, {records}]")
+        done: Any = state.get("done")
+        try:
+            tasks = decode_done(position, done)
+        except (TypeError, ValueError, binascii.Error, AttributeError):
+            tasks = None
+        _field(
+            tasks is not None and all(task < records for task in tasks),
+            "done",
+            done,
+            f"a bitmask of records after position {position} and below {records}",
+        )
+        return
+    starts: Any = state.get("starts")
+    cursor: Any = state.get("cursor")
+    _field(
+        isinstance(starts, list) and len(starts) == workers and all(_is_count(n) for n in starts),
+        "starts",
+        starts,
+        f"a list of {workers} ints >= 0 (one per worker)",
+    )
+    _field(_is_count(cursor) and cursor < workers, "cursor", cursor, f"an int in [0, {workers})")
+    _field(position == sum(starts), "position", position, f"the sum of starts ({sum(starts)})")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _field(condition: bool, name: str, value: Any, wanted: str) -> None:
+    if not condition:
+        raise ValueError(f"this state's {name} is {str(value)[:100]!r}, but must be {wanted}")

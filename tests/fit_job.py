@@ -4,8 +4,8 @@ never interrupted.
 
 Every element carries its index; the model's ``train_step`` appends the indices of each batch it trains on
 to ``--log`` (one line per step, flushed, so a SIGKILL loses nothing already trained). ``--kill-at E:S``
-kills the job (SIGKILL) after step S of Keras epoch E; ``--kill-in-save N`` kills it in the middle of the
-N-th backup (its weights written, its metadata not yet).
+kills the job (SIGKILL) after step S of Keras epoch E (or the first step past it); ``--kill-in-save N``
+kills it in the middle of the N-th backup (its weights written, its metadata not yet).
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ def parse() -> argparse.Namespace:
 def main() -> None:
     args = parse()
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if backend != "tensorflow":
+        sys.modules["tensorflow"] = None  # type: ignore[assignment]  # as if it were not installed
     if args.strategy == "mirrored":
         import tensorflow as tf
 
@@ -158,7 +160,9 @@ def main() -> None:
             self.epoch = epoch
 
         def on_train_batch_end(self, batch, logs=None):
-            if args.kill_at == f"{self.epoch}:{batch}":
+            # the first step at or past the one asked for (steps_per_execution reports every n-th)
+            epoch, step = map(int, args.kill_at.split(":")) if args.kill_at else (-1, 0)
+            if self.epoch == epoch and batch >= step:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     callbacks: list = []
@@ -204,7 +208,7 @@ def main() -> None:
     log.close()
     if args.weights:
         np.savez(args.weights, *[np.asarray(w) for w in model.get_weights()])
-    print("done", flush=True)
+    print("tensorflow imported:", "tensorflow" in sys.modules, flush=True)
     feeder.close()
     if validation is not None:
         validation.close()
