@@ -184,15 +184,15 @@ class Consumer:
 
     def _target(self) -> tuple[int, dict | None]:
         """The epoch and loaded position (None: its start) the next pass serves: set_epoch's epoch, from a
-        position loaded for it (even if a pass that stopped early took it); else a loaded position; else,
+        position loaded for it (even if earlier passes took it); else a loaded position; else,
         once a pass has handed out its whole epoch, the next epoch; else the same epoch again, from where
         the last pass over it began (a pass that stopped early, a peek or a `take`, moves nothing)."""
         named, loaded, current = self._named_epoch, self._resume, self._current
         if named is not None:
             if loaded is not None and loaded["epoch"] == named:
                 return named, loaded
-            if current.number == named and not (self._epoch_taken and current.complete):
-                return named, current.start  # a loaded position stands until a pass finishes its epoch
+            if current.number == named:
+                return named, current.start  # a loaded position stands until another epoch is served
             return named, None
         if loaded is not None:
             return loaded["epoch"], loaded

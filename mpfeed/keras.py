@@ -81,12 +81,11 @@ class EpochSync(keras.callbacks.Callback):
             raise TypeError(f"EpochSync takes a mpfeed.Feeder, got {type(feeder).__name__}")
         self.feeder = feeder
         self.plan: Plan | None = None
-        self.dataset: PyDataset | None = None
         self._epoch = 0
         self._placed = False
 
     def on_train_begin(self, logs: Any = None) -> None:
-        self.plan, self.dataset = _read_plan(self.feeder)
+        self.plan = _read_plan(self.feeder)
         self._placed = False
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
@@ -134,7 +133,7 @@ class EpochSync(keras.callbacks.Callback):
 
     def _require_plan(self) -> Plan:
         if self.plan is None:
-            self.plan, self.dataset = _read_plan(self.feeder)
+            self.plan = _read_plan(self.feeder)
         return self.plan
 
 
@@ -218,15 +217,13 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def _skip_steps(self, steps: int) -> None:
         """Make the first ``steps`` steps of the restored epoch no-ops that take no data: they were trained
-        before the backup, and Keras numbers the epoch's steps from 0 again."""
+        before the backup, and Keras numbers the epoch's steps from 0 again. (Keras's train function pulls
+        each step's data itself, on every backend, so a step that does not run it takes none.)"""
         per_call = max(1, int(getattr(self.model, "steps_per_execution", 1) or 1))
         if steps % per_call:
             raise ValueError(f"a backup after {steps} steps does not fit steps_per_execution={per_call}")
         model, calls = self.model, [steps // per_call]
         original = model.train_function
-        dataset = self.sync.dataset
-        if dataset is not None:
-            dataset.skip(steps)
         jax = keras.backend.backend() == "jax"
 
         def skipped(*args: Any) -> Any:
@@ -315,8 +312,6 @@ class PyDataset(keras.utils.PyDataset):
         self._batches = len(feeder)
         self._lock = threading.Lock()
         self._iterator: Any = None
-        self._skipping = 0
-        self._held: Any = None
 
     @property
     def num_batches(self) -> int:
@@ -325,30 +320,14 @@ class PyDataset(keras.utils.PyDataset):
     def __len__(self) -> int:
         return self._batches
 
-    def skip(self, steps: int) -> None:
-        """The next epoch's first ``steps`` batches are stand-ins that no step trains on (a restored
-        epoch's steps done before its backup): they take nothing from the feeder."""
-        self._skipping = steps
-
     def __getitem__(self, index: int) -> Any:
         with self._lock:
             if self._iterator is None:
                 self._iterator = iter(self.feeder)
-            if self._skipping:
-                self._skipping -= 1
-                if self._held is None:
-                    self._held = self._next()
-                return self._held
-            if self._held is not None:
-                batch, self._held = self._held, None
-                return batch
-            return self._next()
-
-    def _next(self) -> Any:
-        try:
-            batch = next(self._iterator)
-        except StopIteration:
-            raise IndexError("the feeder's epoch has no more batches") from None
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                raise IndexError("the feeder's epoch has no more batches") from None
         return tuple(batch) if isinstance(batch, list) else batch
 
     def on_epoch_begin(self) -> None:
@@ -358,10 +337,9 @@ class PyDataset(keras.utils.PyDataset):
     def on_epoch_end(self) -> None:
         with self._lock:
             self._iterator = None
-            self._held = None
 
 
-def _read_plan(feeder: Feeder) -> tuple[Plan, PyDataset | None]:
+def _read_plan(feeder: Feeder) -> Plan:
     """Find the dataset ``fit`` trains on (a local of Keras's ``fit``: Keras hands callbacks no
     reference to it) and read the plan off it."""
     adapter = _training_adapter()
@@ -370,7 +348,7 @@ def _read_plan(feeder: Feeder) -> tuple[Plan, PyDataset | None]:
     dataset = getattr(adapter, "py_dataset", None)
     if isinstance(dataset, PyDataset):
         _require(dataset.feeder is feeder, "fit() trains on a PyDataset of another feeder")
-        return Plan(1, False, None), dataset
+        return Plan(1, False, None)
     dataset = getattr(adapter, "_dataset", None)
     if dataset is None:
         raise TypeError(
@@ -414,7 +392,7 @@ def _read_plan(feeder: Feeder) -> tuple[Plan, PyDataset | None]:
                 "with .repeat(), mpfeed places Keras's steps in the feeder's epochs by their length, which a "
                 "generator source has not: use a random-access source, or one pass per epoch"
             ) from None
-    return Plan(size, drop, stream), None
+    return Plan(size, drop, stream)
 
 
 def _training_adapter() -> Any:

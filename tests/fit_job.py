@@ -53,6 +53,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--validation", action="store_true", help="validation data from a second feeder")
     parser.add_argument("--strategy", choices=["none", "mirrored"], default="none")
     parser.add_argument("--ordered", type=int, default=1)
+    parser.add_argument("--start", default=None, help="E:N: load the position after N records of epoch E")
+    parser.add_argument("--initial-epoch", type=int, default=0)
     parser.add_argument("--kill-at", default=None)
     parser.add_argument("--kill-in-save", type=int, default=None)
     return parser.parse_args()
@@ -166,7 +168,10 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     callbacks: list = []
-    initial_epoch = 0
+    initial_epoch = args.initial_epoch
+    if args.start:  # as a tf.train.Checkpoint with mpfeed.tf.FeederState restores it, before fit()
+        epoch, consumed = map(int, args.start.split(":"))
+        feeder.load_state_dict(feeder.state_dict(consumed=consumed, epoch=epoch))
     save_freq = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
     if args.way == "backup":
         backup = mpfeed.keras.BackupAndRestore(feeder, args.dir, save_freq=save_freq, delete_checkpoint=False)
@@ -208,7 +213,7 @@ def main() -> None:
     log.close()
     if args.weights:
         np.savez(args.weights, *[np.asarray(w) for w in model.get_weights()])
-    print("tensorflow imported:", "tensorflow" in sys.modules, flush=True)
+    print("tensorflow imported:", sys.modules.get("tensorflow") is not None, flush=True)
     feeder.close()
     if validation is not None:
         validation.close()

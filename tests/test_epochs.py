@@ -136,3 +136,34 @@ def test_a_resumed_short_pass_ends_where_its_epoch_ends_and_the_next_is_whole():
         dataset = feeder.dataset()
         assert _indices(dataset) == whole[0][18:]
         assert _indices(dataset) == whole[1]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("position", 31),
+        ("position", -1),
+        ("done", "/////w=="),  # records 1 to 32 of 30
+        ("done", "not base64!"),
+        ("epoch", -2),
+        ("epoch", "1"),
+    ],
+)
+def test_load_state_dict_refuses_a_position_that_cannot_belong_to_this_feeder(field, value):
+    """Old code checked the configuration only: an out-of-range position or done gave an empty epoch,
+    and a negative one a raw struct.error."""
+    with mpfeed.Feeder(sources.Numbers(30), workers=1, seed=0) as feeder:
+        state = {**feeder.state_dict(), field: value}
+        with pytest.raises(ValueError, match=f"this state's {field} is"):
+            feeder.load_state_dict(state)
+        assert [int(e["i"]) for e in feeder] == list(range(30))  # nothing was loaded
+
+
+@pytest.mark.parametrize(
+    "field, value", [("starts", [1]), ("starts", [0, -1]), ("cursor", 2), ("position", 3)]
+)
+def test_load_state_dict_refuses_a_generator_position_that_cannot_belong_to_this_feeder(field, value):
+    with mpfeed.Feeder(sources.numbered, args=(10,), workers=2, seed=0) as feeder:
+        state = {**feeder.state_dict(), field: value}
+        with pytest.raises(ValueError, match=f"this state's {field} is"):
+            feeder.load_state_dict(state)

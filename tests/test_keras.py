@@ -174,6 +174,17 @@ def test_model_checkpoint_with_initial_epoch_trains_each_epoch_on_its_own_order(
         np.testing.assert_array_equal(got, want)
 
 
+def test_a_position_loaded_before_fit_survives_the_peek_of_a_strategy(tmp_path):
+    """Old code: under MirroredStrategy Keras pulls one batch from a fresh iterator before training; the
+    feeder counted that pass as an epoch, so a loaded position (epoch 1, element 96) was lost and the job
+    trained a whole epoch 2 instead of the rest of epoch 1."""
+    args = ["--way", "plain", "--strategy", "mirrored", "--epochs", "2", "--length", "600"]
+    whole, _, _ = _uninterrupted(tmp_path, args)
+    result = _run(tmp_path, "resumed", *args, "--start", "1:96", "--initial-epoch", "1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert _steps(tmp_path / "resumed.log", 2) == whole[38 + 96 // BATCH :]
+
+
 def test_keras_on_jax_trains_from_a_py_dataset_without_tensorflow_and_resumes_exactly(tmp_path):
     args = ["--save-freq", "4"]
     whole, expected_weights, result = _uninterrupted(tmp_path, args, backend="jax")
