@@ -443,17 +443,37 @@ class Feeder:
         return self._serve(self._consumer.open_pass(), copy_below)
 
     def _serve(self, serial: int, copy_below: int) -> Iterator[Any]:
-        # A generator of the feeder's own: while anyone iterates, the feeder (and so its workers) lives.
-        consumer = self._consumer
-        while True:
-            element = consumer.next(serial, copy_below)
-            if element is EPOCH_END:
-                return
-            yield element
+        return _Pass(self, serial, copy_below)
 
     def _peek(self) -> Any:
         """The first element of a fresh epoch, served first by the next iteration (signature inference)."""
         return self._consumer.peek()
+
+
+class _Pass:
+    """One iteration. Not a generator: one is finished once an exception escapes it, and its next call
+    would end the epoch; here every later call asks the consumer again, which raises the same error
+    (broken stays broken). It holds the feeder: while anyone iterates, the feeder (and its workers) lives."""
+
+    __slots__ = ("_feeder", "_serial", "_copy_below", "_ended")
+
+    def __init__(self, feeder: Feeder, serial: int, copy_below: int) -> None:
+        self._feeder = feeder
+        self._serial = serial
+        self._copy_below = copy_below
+        self._ended = False
+
+    def __iter__(self) -> _Pass:
+        return self
+
+    def __next__(self) -> Any:
+        if self._ended:
+            raise StopIteration
+        element = self._feeder._consumer.next(self._serial, self._copy_below)
+        if element is EPOCH_END:
+            self._ended = True
+            raise StopIteration
+        return element
 
 
 def _worker_stats(handle: WorkerHandle, released: int) -> WorkerStats:

@@ -514,3 +514,34 @@ def test_a_fault_in_mpfeeds_own_worker_code_is_not_blamed_on_the_source(start_me
     error = caught.value
     assert not isinstance(error, mpfeed.SourceError)
     assert "failed in mpfeed's own worker code, not in your source: FileNotFoundError" in str(error)
+
+
+@pytest.mark.parametrize(
+    "source, args", [(sources.raise_at, (20, 7)), (sources.faulty, (40, "mid", "sigkill"))]
+)
+def test_an_iterator_that_raised_raises_the_same_error_again_instead_of_ending(source, args):
+    """A loop that catches errors per step must not see a short epoch as complete: every later next()
+    on the same iterator raises the same error (a generator would end with StopIteration)."""
+    with mpfeed.Feeder(source, args=args, workers=2) as feeder:
+        iterator = iter(feeder)
+        with pytest.raises(mpfeed.WorkerError) as caught:
+            for _ in iterator:
+                pass
+        for _ in range(3):
+            with pytest.raises(type(caught.value)) as again:
+                next(iterator)
+            assert again.value is caught.value
+
+
+def test_a_dataset_iterator_that_raised_keeps_raising_instead_of_ending():
+    tf = pytest.importorskip("tensorflow")
+    spec = (tf.TensorSpec((4,), tf.int64), tf.TensorSpec((), tf.int64))
+    for chunk_size in (1, 4):
+        with mpfeed.Feeder(sources.raise_at, args=(20, 7), workers=2) as feeder:
+            iterator = iter(feeder.dataset(spec, chunk_size=chunk_size))
+            with pytest.raises(tf.errors.OpError, match="bad record 7"):
+                for _ in iterator:
+                    pass
+            for _ in range(2):
+                with pytest.raises(tf.errors.OpError, match="bad record 7"):
+                    next(iterator)
