@@ -92,7 +92,7 @@ def verdict(picture: Picture) -> list[str]:
         f"{picture.overhead_s / picture.calls * 1e3:.3f} ms in mpfeed"
     )
     workers = (
-        f"the {picture.workers} workers were busy {picture.busy:.0%}, blocked on a full ring "
+        f"{_the_workers(picture.workers)} were busy {picture.busy:.0%}, blocked on a full ring "
         f"{picture.blocked:.0%} and idle {picture.idle:.0%} of their time"
     )
     if share > INPUT_BOUND:
@@ -132,3 +132,7 @@ def verdict(picture: Picture) -> list[str]:
             "so that each call moves a whole batch"
         )
     return lines
+
+
+def _the_workers(count: int) -> str:
+    return "the worker" if count == 1 else f"the {count} workers"

@@ -11,8 +11,8 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
@@ -66,9 +66,10 @@ class WorkerStats:
     """Where the worker runs: the address of its Ray node; None for a local process."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class FeederStats:
-    """A snapshot of a feeder's counters (`Feeder.stats`)."""
+    """A snapshot of a feeder's counters (`Feeder.stats`). Its repr puts a field on each line, and each
+    worker's figures on one line."""
 
     items: int
     """Elements delivered over the feeder's life (a batch counts as its size)."""
@@ -117,6 +118,20 @@ class FeederStats:
     """Slots given to workers beyond ``depth`` because views lingered (instead of copies)."""
     workers: tuple[WorkerStats, ...]
     """Per-worker figures, by shard index."""
+
+    def __repr__(self) -> str:
+        lines = [f"  {f.name}={getattr(self, f.name)!r}," for f in fields(self) if f.name != "workers"]
+        lines += ["  workers=(", *[f"    {worker!r}," for worker in self.workers], "  ),"]
+        return "\n".join(["FeederStats(", *lines, ")"])
+
+
+class RandomAccessSource(Protocol):
+    """A source with ``__len__`` and ``__getitem__(index)``: a PyTorch map dataset, Grain's
+    RandomAccessDataSource, a list."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Any: ...
 
 
 def _usable_cpus() -> int:
@@ -180,7 +195,7 @@ class Feeder:
 
     def __init__(
         self,
-        source: Callable[..., Iterable[Any]],
+        source: RandomAccessSource | Callable[..., Iterable[Any]],
         *,
         args: tuple = (),
         kwargs: dict[str, Any] | None = None,
@@ -204,6 +219,11 @@ class Feeder:
             raise RuntimeError(
                 "a Feeder was created while a worker imported your main script: workers import it to find "
                 'the source, so put the code that creates the feeder under `if __name__ == "__main__":`'
+            )
+        if inspect.isclass(source) and hasattr(source, "__len__") and hasattr(source, "__getitem__"):
+            raise TypeError(
+                f"source is the class {source.__qualname__}, not an instance of it: pass "
+                f"{source.__qualname__}(...), the random-access object itself"
             )
         indexed = _random_access(source)
         if indexed:
@@ -269,6 +289,10 @@ class Feeder:
         _require(
             batch_size is None or (_is_int(batch_size) and batch_size >= 1),
             f"batch_size must be an int >= 1 or None, got {batch_size!r}",
+        )
+        _require(
+            not drop_remainder or batch_size is not None,
+            "drop_remainder=True drops the last, short batch, so it needs batch_size",
         )
         _require(
             seed is None or (_is_int(seed) and seed >= 0), f"seed must be an int >= 0 or None, got {seed!r}"

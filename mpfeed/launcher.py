@@ -59,7 +59,8 @@ def pickle_work(source: Any, args: tuple, kwargs: dict) -> bytes:
                 else "pass something picklable (a path instead of an open file, a config instead of a lock)"
             )
             raise TypeError(
-                f"mpfeed runs `source` in spawned worker processes, so {what} must be picklable; "
+                "mpfeed sends `source` to its worker processes (fresh interpreters, never copies of this "
+                f"one), so {what} must be picklable; "
                 f"{name!r} can't be pickled ({type(error).__name__}: {error}): {hint}"
             ) from error
     return pickle.dumps((source, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
@@ -78,7 +79,8 @@ def main_module_spec(work: bytes) -> dict:
         return {"main_path": os.path.abspath(path)}
     where = "a script read from standard input" if path == "<stdin>" else "an interactive session's __main__"
     raise TypeError(
-        f"mpfeed's source (or an argument) is defined in {where}, which spawned worker processes cannot "
+        f"mpfeed's source (or an argument) is defined in {where}, which mpfeed's worker processes (fresh "
+        "interpreters) cannot "
         "import: define it in a module (a .py file) and import it"
     )
 

@@ -920,3 +920,32 @@ def test_docker_s_64_mib_dev_shm_runs_with_rings_in_memfd():
     assert results["epochs"] == [True, True] and results["bad"] == []
     assert results["ring_memory"] == "memfd"
     assert results["dev_shm_while_running"] == [] and results["dev_shm_after"] == []
+
+
+_FORKS_A_CHILD = """
+    import os, sys, sources, mpfeed
+    feeder = mpfeed.Feeder(sources.slow, args=(400, 0.002), workers=2, start_method=START_METHOD)
+    iterator = iter(feeder)
+    taken = [next(iterator)[1] for _ in range(10)]
+    pid = os.fork()
+    if pid == 0:
+        if CLOSE_IN_CHILD:
+            feeder.close()
+        sys.exit(0)  # a normal exit: the child's finalizers run
+    assert os.waitpid(pid, 0)[1] == 0
+    taken += [element[1] for element in iterator]
+    assert taken == list(range(400)), taken[:20]
+    feeder.close()
+    print("whole")
+"""
+
+
+@pytest.mark.parametrize("close_in_child", [False, True])
+def test_a_forked_child_exiting_does_not_stop_the_parents_feeder(close_in_child, start_method):
+    """Only the process that made a feeder may close it: a child forked from it that exits (or even
+    calls close()) leaves the parent's workers running."""
+    code = textwrap.dedent(_FORKS_A_CHILD).replace("START_METHOD", repr(start_method))
+    code = code.replace("CLOSE_IN_CHILD", repr(close_in_child))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["whole"], done.stderr[-3000:]
