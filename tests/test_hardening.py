@@ -531,7 +531,9 @@ class _keras_warnings_ignored:
 # -- TensorFlow inside a source ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["asarray", "len", "bool", "iter", "add", "multiply", "numpy_ufunc"])
+@pytest.mark.parametrize(
+    "how", ["asarray", "len", "bool", "iter", "add", "multiply", "numpy_ufunc", "eq", "ne", "str", "format"]
+)
 def test_tensorflow_used_inside_a_source_fails_loudly(how):
     """Workers get an inert stand-in for TensorFlow. Old code: ``np.asarray(tf.zeros(3))`` was an empty
     float64 array, ``len`` 0, ``bool`` False and iteration empty, all silently; arithmetic failed
