@@ -132,6 +132,15 @@ def describe_leaf(leaf: Any) -> tuple[int, Any, int]:
     raise TypeError(f"is a {kind.__module__}.{kind.__qualname__}; mpfeed carries {_SUPPORTED}")
 
 
+class BadElement(TypeError, ValueError):
+    """An element the encoder refuses, with why; ``item`` is its row in the record (0 unless batched), so
+    that the worker can name the element itself."""
+
+    def __init__(self, message: str, item: int) -> None:
+        super().__init__(message)
+        self.item = item
+
+
 class Encoder:
     """Worker side: checks elements against the first one of the stream and writes them as records."""
 
@@ -148,10 +157,14 @@ class Encoder:
         self._plans: dict[tuple, _Plan] = {}
 
     def prepare(self, items: list[tuple[Treedef, list]], seq: int, batched: bool) -> Record:
-        """Check a single element (or the elements of one batch) and plan its record."""
-        for treedef, leaves in items:
+        """Check a single element (or the elements of one batch) and plan its record; `BadElement` names
+        the row of an element it cannot carry."""
+        for item, (treedef, leaves) in enumerate(items):
             if self._key is None or treedef != self._treedef or not self._conforms(leaves):
-                self._check(treedef, leaves)
+                try:
+                    self._check(treedef, leaves)
+                except (TypeError, ValueError) as error:
+                    raise BadElement(str(error), item) from None
         return Record(self, items, seq, batched)
 
     def _conforms(self, leaves: list[Any]) -> bool:
@@ -321,6 +334,23 @@ def _utf8(text: str, treedef: Treedef, index: int) -> bytes:
         ) from None
 
 
+def _utf8_of_row(text: str, treedef: Treedef, index: int, row: int) -> bytes:
+    try:
+        return _utf8(text, treedef, index)
+    except ValueError as error:
+        raise BadElement(str(error), row) from None
+
+
+def _first_overflow(column: list, dtype: np.dtype | None) -> int:
+    """The row of a batch's column of Python ints whose value is out of range."""
+    for row, value in enumerate(column):
+        try:
+            np.array(value, dtype=dtype)
+        except OverflowError:
+            return row
+    return 0
+
+
 _SMALL_LEAF_BYTES = 1 << 16  # leaves up to this size are written from `tobytes()`: fewer calls than a view
 _PY_SCALAR_STRUCTS = {INT: struct.Struct("<q"), FLOAT: struct.Struct("<d"), BOOL: struct.Struct("?")}
 
@@ -337,7 +367,10 @@ class Record:
         if batched:
             dims, self._values = self._columns(encoder, items)
         else:
-            dims, self._values = self._leaves(encoder, items[0])
+            try:
+                dims, self._values = self._leaves(encoder, items[0])
+            except ValueError as error:
+                raise BadElement(str(error), 0) from None
         self._n_dims = len(dims)
         self._plan = encoder.plan(tuple(dims), self._count)
 
@@ -376,23 +409,30 @@ class Record:
             dims.append(rows)
             if kind == ARRAY:
                 shape = column[0].shape
-                for other in column[1:]:
+                for row, other in enumerate(column):
                     if other.shape != shape:
                         path = leaf_paths(items[0][0])[index]
-                        raise ValueError(
-                            f"cannot batch {path}: shapes {shape} and {other.shape} differ within one batch"
+                        raise BadElement(
+                            f"cannot batch {path}: shapes {shape} and {other.shape} differ within one batch",
+                            row,
                         )
                 dims += shape
             elif kind in (BYTES, STR):
                 if kind == STR:
-                    column = [_utf8(text, treedef, index) for (treedef, _), text in zip(items, column)]
+                    column = [
+                        _utf8_of_row(text, treedef, index, row)
+                        for row, ((treedef, _), text) in enumerate(zip(items, column))
+                    ]
                 dims.append(sum(len(b) for b in column))
             else:
                 try:
                     column = np.array(column, dtype=encoder._dtypes[index])
                 except OverflowError:
                     path = leaf_paths(items[0][0])[index]
-                    raise ValueError(f"{path} holds an int beyond the int64 an int travels as") from None
+                    raise BadElement(
+                        f"{path} holds an int beyond the int64 an int travels as",
+                        _first_overflow(column, encoder._dtypes[index]),
+                    ) from None
             columns.append(column)
         return dims, columns
 

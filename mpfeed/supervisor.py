@@ -31,6 +31,7 @@ _DRAIN_SLICE_S = 0.02
 _SPARE_FACTOR = 2  # a ring has this many times depth slots: the rest is granted when views linger
 # The weight of each task in a worker's smoothed pace: a long memory, so one slow element barely moves it.
 _PACE_WEIGHT = 0.05
+_BATCH_SHOWN = 8  # the source indices a dead worker's batch is named by, at most
 
 
 @dataclass(slots=True)
@@ -91,6 +92,7 @@ class WorkerHandle:
     ended: bool = False  # this epoch's End has been taken from the inbox
     produced: int = 0  # generator: elements of its shard it announced in the current run
     pending_tasks: int = 0  # random access: tasks sent in the current run and not yet answered
+    unanswered: deque = field(default_factory=deque)  # local random access: those tasks, (task, indices)
     service_s: float | None = None  # random access: how long it takes per task, smoothed
     busy_since: float = 0.0  # when it last started on a task with none before it (or answered one)
     items: int = 0  # elements delivered over the feeder's life
@@ -203,6 +205,7 @@ class Supervisor:
             handle.ended = False
             handle.produced = 0
             handle.pending_tasks = 0
+            handle.unanswered.clear()
             failure = handle.inbox[-1] if handle.failed else None
             for entry in handle.inbox:
                 if isinstance(entry, Record):
@@ -221,6 +224,7 @@ class Supervisor:
         if not handle.outgoing:
             self._outgoing.append(handle)
         handle.outgoing.append((task, indices))
+        handle.unanswered.append((task, indices))  # a worker answers its tasks in the order sent
         if not handle.pending_tasks:
             handle.busy_since = time.monotonic()
         handle.pending_tasks += 1
@@ -350,6 +354,8 @@ class Supervisor:
     def _queue(self, handle: WorkerHandle, run: int, record: Record) -> None:
         """Queue a record of the current run; give back the slot of one from an abandoned run."""
         if run == self.run:
+            if handle.unanswered:
+                handle.unanswered.popleft()
             queue_record(handle, record)
         else:
             self.release(handle, record)
@@ -435,11 +441,14 @@ class Supervisor:
             return entry
         exitcode = entry.exitcode
         ended = handle.ended or any(isinstance(e, End) for e in handle.inbox)
+        element = None if ended else handle.produced
         state = (
             f"after its shard of epoch {self.epoch} ended"
             if ended
             else f"while producing element {handle.produced} of its shard (epoch {self.epoch})"
         )
+        if self.config.indexed:
+            element, state = self._task_in_hand(handle)
         how = describe_exit(exitcode)
         if exitcode is None and self.server is not None and self.server.gone:
             how += f": {self.server.describe()}"
@@ -447,11 +456,19 @@ class Supervisor:
             f"worker {handle.index} (pid {handle.pid}) {how} {state}",
             worker=handle.index,
             pid=handle.pid,
-            element=None if ended else handle.produced,
+            element=element,
             epoch=self.epoch,
         )
         error.exitcode = exitcode
         return error
+
+    def _task_in_hand(self, handle: WorkerHandle) -> tuple[int | None, str]:
+        """A random-access worker that ended: ``(source index, words)`` for the task it was making, the
+        oldest it had not answered (a batch's element is one of the task's, and the index is None)."""
+        if not handle.unanswered:
+            return None, f"while it held no task (epoch {self.epoch})"
+        task, indices = handle.unanswered[0]
+        return describe_task(task, indices, self.config.batch_size, self.epoch)
 
     # -- stopping ------------------------------------------------------------------------------------
 
@@ -553,6 +570,22 @@ def failure_error(failure: protocol.Failure, handle: WorkerHandle, who: str, ind
     )
     error.exc_type = failure.type
     return error
+
+
+def describe_task(
+    task: int, indices: list[int], batch_size: int | None, epoch: int
+) -> tuple[int | None, str]:
+    """``(source index, words)`` for a random-access task a worker died making: ``source[i]`` and its
+    position, or for a batch, its indices (the index is then None: which of them is not known)."""
+    position = task * (batch_size or 1)
+    if len(indices) == 1:
+        return indices[0], f"while producing source[{indices[0]}] (position {position} of epoch {epoch})"
+    shown = ", ".join(f"source[{i}]" for i in indices[:_BATCH_SHOWN])
+    more = f" and {len(indices) - _BATCH_SHOWN} more" if len(indices) > _BATCH_SHOWN else ""
+    return None, (
+        f"while producing one of the batch {shown}{more} (positions {position} to "
+        f"{position + len(indices) - 1} of epoch {epoch})"
+    )
 
 
 def queue_record(handle: WorkerHandle, record: Record) -> None:

@@ -331,3 +331,16 @@ class LogsWhatItMakes:
         with open(self.path, "a") as log:
             log.write(f"{index}\n")
         return np.full(4, index, dtype=np.int64), index
+
+
+class BadAt:
+    """A random-access source whose element ``at`` has a leaf mpfeed cannot carry (an ``object()``)."""
+
+    def __init__(self, n, at):
+        self.n, self.at = n, at
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        return (object() if index == self.at else np.full(2, index)), index
