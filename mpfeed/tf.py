@@ -81,6 +81,8 @@ def _leaves_with_specs(signature: Any, element: Any, path: str):
 
 
 def _lists_to_tuples(node: Any) -> Any:
+    if isinstance(node, tuple) and hasattr(type(node), "_fields"):  # a namedtuple keeps its type
+        return type(node)(*(_lists_to_tuples(child) for child in node))
     if isinstance(node, (list, tuple)):
         return tuple(_lists_to_tuples(child) for child in node)
     if isinstance(node, dict):
