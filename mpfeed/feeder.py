@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import psutil
 
 from . import bootstrap
@@ -417,8 +418,7 @@ class Feeder:
         """What limits training, in a few plain lines: input-bound (the consumer waits for input more than
         20% of its time), moderately (over 5%) or bound by the consumer, and what to do about it."""
         stats = self.stats()
-        spent = [w.busy_s + w.blocked_s + w.idle_s for w in stats.workers]
-        total = sum(spent) or 1.0
+        busy, blocked, idle = _shares_since_the_first_element(self._consumer.supervisor.handles)
         picture = Picture(
             calls=stats.calls,
             wait_fraction=stats.wait_fraction,
@@ -431,9 +431,9 @@ class Feeder:
             cores=_usable_cpus(),
             ordered=self._consumer._ordered,
             batched=self._consumer.supervisor.config.batch_size is not None,
-            busy=sum(w.busy_s for w in stats.workers) / total,
-            blocked=sum(w.blocked_s for w in stats.workers) / total,
-            idle=sum(w.idle_s for w in stats.workers) / total,
+            busy=busy,
+            blocked=blocked,
+            idle=idle,
             cpu_while_busy=sum(w.cpu_s for w in stats.workers)
             / (sum(w.busy_s for w in stats.workers) or 1.0),
         )
@@ -474,6 +474,19 @@ class Feeder:
         return self._consumer.peek()
 
 
+def _shares_since_the_first_element(handles: list[WorkerHandle]) -> tuple[float, float, float]:
+    """The workers' busy, blocked and idle shares of their time since the consumer took its first element
+    (the consumer's wait is measured over the same window); over their whole life while too little time
+    has passed for every worker to have reported since."""
+    spent = np.array([handle.times for handle in handles], dtype=np.float64).reshape(-1, 3)
+    if all(handle.times_base is not None for handle in handles):
+        window = spent - np.array([handle.times_base for handle in handles], dtype=np.float64).reshape(-1, 3)
+        if window.sum() > 0:
+            spent = window
+    busy, blocked, idle = spent.sum(axis=0) / (spent.sum() or 1.0)
+    return float(busy), float(blocked), float(idle)
+
+
 class _Pass:
     """One iteration. Not a generator: one is finished once an exception escapes it, and its next call
     would end the epoch; here every later call asks the consumer again, which raises the same error
@@ -493,7 +506,11 @@ class _Pass:
     def __next__(self) -> Any:
         if self._ended:
             raise StopIteration
-        element = self._feeder._consumer.next(self._serial, self._copy_below)
+        consumer = self._feeder._consumer
+        if not consumer.supervisor.measuring:  # the feeder's first element: the diagnosis starts now
+            consumer.clock.begin_iteration()
+            consumer.supervisor.measure_from_now()
+        element = consumer.next(self._serial, self._copy_below)
         if element is EPOCH_END:
             self._ended = True
             raise StopIteration

@@ -325,7 +325,8 @@ class RaySupervisor(Supervisor):
             _, key, record, usage = answer
             queue_record(handle, Record(key, None, shared=record))
             if usage is not None:
-                handle.times, handle.usage = usage[:3], usage[3:]
+                self.note_times(handle, usage[:3])
+                handle.usage = usage[3:]
         elif kind == END:
             if not handle.ended_run:  # the calls made after the end repeat it
                 handle.inbox.append(End(answer[1]))

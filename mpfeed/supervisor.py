@@ -104,6 +104,9 @@ class WorkerHandle:
     credits: list = field(default_factory=list)  # freed slots not yet sent back
     outgoing: list = field(default_factory=list)  # (task, indices) sent with the next `flush_tasks`
     times: tuple[float, float, float] = (0.0, 0.0, 0.0)  # busy, blocked, idle seconds, as it last said
+    # ``times`` as first said once the consumer began taking elements (see `Supervisor.measure_from_now`)
+    times_base: tuple[float, float, float] | None = None
+    born: float = field(default_factory=time.monotonic)  # no later than the worker's own start
     node: str | None = None  # where a remote worker runs (a Ray node's address); None: this host
     usage: tuple[float, int] | None = None  # a remote worker's CPU seconds and resident bytes, as it said
 
@@ -131,6 +134,7 @@ class Supervisor:
         self.handles: list[WorkerHandle] = []
         self._outgoing: list[WorkerHandle] = []  # workers with tasks for `flush_tasks` to send
         self.task_messages = 0  # TASK messages sent (each carries one or more tasks)
+        self.measuring = 0.0  # when the consumer began taking elements (`measure_from_now`); 0: not yet
         self.server: launcher.ForkServer | None = None
         self.version = 0  # changes whenever the set of pipes to watch changes
         self.ring_memory: str | None = None  # the kind of the rings, decided with the first one
@@ -152,6 +156,7 @@ class Supervisor:
         for a random-access source, whose data does not depend on them). They join the current run."""
         config = self.config
         first = len(self.handles)
+        launched = time.monotonic()
         rings: list[Ring | None] = [None] * count
         try:
             if config.slot_bytes is not None:
@@ -174,11 +179,11 @@ class Supervisor:
             ]
             if self.server is not None:
                 for offset, (process, channel) in enumerate(self.server.fork_all(setups)):
-                    self._adopt(WorkerHandle(first + offset, process, channel, rings[offset]))
+                    self._adopt(WorkerHandle(first + offset, process, channel, rings[offset], born=launched))
             else:
                 for offset, setup in enumerate(setups):
                     spawned, channel = launcher.launch(self._work, self._main_spec, setup)
-                    self._adopt(WorkerHandle(first + offset, spawned, channel, rings[offset]))
+                    self._adopt(WorkerHandle(first + offset, spawned, channel, rings[offset], born=launched))
         finally:
             for ring in rings[len(self.handles) - first :]:
                 if ring is not None:
@@ -343,13 +348,28 @@ class Supervisor:
             if run == self.run:
                 handle.inbox.append(End(count))
         elif tag == protocol.TIMES:
-            handle.times = protocol.read_times(message)
+            self.note_times(handle, protocol.read_times(message))
         elif tag == protocol.ATTACHED:
             if handle.ring is not None:
                 handle.ring.unlink()
         elif tag == protocol.FAILED:
             self._forget(handle)
             handle.inbox.append(self._failure(handle, pickle.loads(message[1:])))
+
+    def measure_from_now(self) -> None:
+        """The consumer begins taking elements: the workers' shares of time are measured from each one's
+        first report made since, so that the time before (a model being built) does not count as idle."""
+        self.measuring = time.monotonic()
+        for handle in self.handles:
+            handle.times_base = None
+
+    def note_times(self, handle: WorkerHandle, times: tuple[float, float, float]) -> None:
+        """A worker's busy, blocked and idle seconds since its start, which add up to its age when it said
+        so: a report read now may have waited in the pipe, and only one made since `measure_from_now` is
+        a base."""
+        handle.times = times
+        if self.measuring and handle.times_base is None and handle.born + sum(times) >= self.measuring:
+            handle.times_base = times
 
     def _queue(self, handle: WorkerHandle, run: int, record: Record) -> None:
         """Queue a record of the current run; give back the slot of one from an abandoned run."""

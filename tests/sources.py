@@ -405,3 +405,19 @@ def keys_in_turns(n, shard):
 def masked(shard):
     """One masked array: its second entry is masked."""
     yield np.ma.masked_array([1.0, 2.0, 3.0], mask=[False, True, False])
+
+
+class Spins:
+    """A random-access source whose every element keeps a core busy for ``seconds`` (CPU-bound)."""
+
+    def __init__(self, n, seconds):
+        self.n, self.seconds = n, seconds
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        end = time.thread_time() + self.seconds
+        while time.thread_time() < end:
+            pass
+        return np.full(4, index, dtype=np.int64), index
