@@ -10,6 +10,7 @@ import inspect
 import os
 import secrets
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Protocol
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 
 DEFAULT_START_METHOD = "forkserver"
 _AUTO_MAX_WORKERS = 32
+# A generator source with more workers than this many per usable core gets a warning: unless it waits on
+# I/O, which nothing tells before it runs, they only compete for the cores.
+_OVERSUBSCRIBED = 4
 
 
 @dataclass(frozen=True)
@@ -157,10 +161,13 @@ class Feeder:
         source: a random-access object, or a module-level generator function (either is pickled and
             sent to every worker).
         args, kwargs: any picklable objects, sent once to every worker and passed to a generator source.
-        workers: worker processes; default: the CPUs this process may use. ``"auto"``: for a random-access
-            source, adjusted while the feeder runs, to the fewest that keep the consumer from waiting (see
-            `mpfeed.autotune`; ``stats().active_workers``, ``stats().worker_changes``); a generator
-            source's shards cannot change without changing its data, so there it means the usable CPUs.
+        workers: worker processes; default: the CPUs this process may use. A generator source with more
+            than four per usable core gets a `RuntimeWarning` (whether it waits on I/O, and so gains from
+            them, cannot be told before it runs); a random-access one can use ``"auto"``, which measures.
+            ``"auto"``: for a random-access source, adjusted while the feeder runs, to the fewest that keep
+            the consumer from waiting (see `mpfeed.autotune`; ``stats().active_workers``,
+            ``stats().worker_changes``); a generator source's shards cannot change without changing its
+            data, so there it means the usable CPUs.
         shm_budget: the most bytes the feeder's rings may take, all workers together (default: a quarter
             of the memory available when it starts). Each ring has room for twice ``depth`` records
             within its worker's share: the slots beyond ``depth`` are given to a worker only while the
@@ -276,6 +283,15 @@ class Feeder:
             count = cores if workers is None else workers if isinstance(workers, int) else 0
             _require(
                 _is_int(count) and count >= 1, f'workers must be an int >= 1, "auto" or None, got {workers!r}'
+            )
+        if not indexed and backend is None and count > _OVERSUBSCRIBED * cores:
+            warnings.warn(
+                f"workers={count} for a generator source on {cores} usable cores: mpfeed cannot tell whether "
+                "the source waits on I/O (then many workers help) or computes (then more workers than cores "
+                "only compete for them, and for memory, and each shard gets smaller). If it computes, use "
+                "workers=None (one per core); if it waits on I/O, silence this with warnings.filterwarnings",
+                RuntimeWarning,
+                stacklevel=2,
             )
         _require(_is_int(depth) and depth >= 1, f"depth must be an int >= 1, got {depth!r}")
         if shm_budget is None:

@@ -144,6 +144,7 @@ class Supervisor:
         try:
             if config.slot_bytes is not None:
                 self._check_space(config.slot_bytes)
+            launcher.check_limits(config.workers, config.start_method)
             if config.start_method == "forkserver":
                 self.server = launcher.ForkServer(self._work, self._main_spec)
             self.add_workers(config.workers)
@@ -156,6 +157,8 @@ class Supervisor:
         for a random-access source, whose data does not depend on them). They join the current run."""
         config = self.config
         first = len(self.handles)
+        if first:  # more, while running (autotuning); the feeder's own workers were checked before the server
+            launcher.check_limits(count, config.start_method)
         launched = time.monotonic()
         rings: list[Ring | None] = [None] * count
         try:

@@ -951,3 +951,63 @@ def test_a_forked_child_exiting_does_not_stop_the_parents_feeder(close_in_child,
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0 and done.stdout.split() == ["whole"], done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("workers", [500])
+def test_hundreds_of_workers_start_under_the_fork_server_instead_of_timing_out(workers):
+    """Every fork request was once sent before any answer was read: past about 300 workers the pipes
+    filled both ways and the send deadline fired ("did not answer within 30 s")."""
+    started = time.monotonic()
+    with mpfeed.Feeder(sources.Numbers(20), workers=workers, depth=1, start_method="forkserver") as feeder:
+        assert feeder.workers == workers
+        assert sorted(element["i"] for element in feeder) == list(range(20))
+    assert time.monotonic() - started < 300  # generous: a hang bound, not a timing
+
+
+_PAST_A_LIMIT = """
+    import os, resource, sys, time, psutil, sources, mpfeed
+    limit = THE_LIMIT
+    if limit == "RLIMIT_NOFILE":
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    else:
+        hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+        mine = [p.info["num_threads"] for p in psutil.process_iter(["uids", "num_threads"])
+                if p.info["uids"] and p.info["uids"].real == os.getuid()]
+        resource.setrlimit(resource.RLIMIT_NPROC, (sum(mine) + 40, hard))
+    started = time.monotonic()
+    try:
+        mpfeed.Feeder(sources.Numbers(10), workers=200, start_method=START_METHOD)
+    except OSError as error:
+        print(type(error).__name__, time.monotonic() - started)
+        print(error)
+    else:
+        print("started")
+"""
+
+
+@pytest.mark.parametrize("limit", ["RLIMIT_NOFILE", "RLIMIT_NPROC"])
+def test_workers_past_a_process_limit_are_refused_at_once_naming_it(limit, start_method):
+    if limit == "RLIMIT_NPROC" and os.geteuid() == 0:
+        pytest.skip("root is not held to RLIMIT_NPROC")
+    code = textwrap.dedent(_PAST_A_LIMIT).replace("START_METHOD", repr(start_method))
+    code = code.replace("THE_LIMIT", repr(limit))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kind, _, message = done.stdout.partition("\n")
+    assert kind.split()[0] == "OSError", done.stdout + done.stderr[-3000:]
+    assert f"({limit}, `ulimit" in message and "200 worker" in message, message
+
+
+def test_a_generator_source_with_many_more_workers_than_cores_is_warned_about():
+    cores = len(os.sched_getaffinity(0))
+    with pytest.warns(
+        RuntimeWarning, match=rf"workers={4 * cores + 1} for a generator source on {cores} usable"
+    ):
+        feeder = mpfeed.Feeder(sources.numbered, args=(4,), workers=4 * cores + 1, start_method="forkserver")
+    with feeder:
+        assert len(list(feeder)) == 4
+    with mpfeed.Feeder(
+        sources.numbered, args=(4,), workers=4 * cores
+    ) as feeder:  # no warning: it is an error
+        assert len(list(feeder)) == 4
