@@ -122,6 +122,7 @@ class WorkerHandle:
 
 class Supervisor:
     remote = False  # local workers are waited for through their pipes (`watched`), remote ones by `wait`
+    measuring = 0.0  # when the consumer began taking elements (`measure_from_now`); 0: not yet
 
     def __init__(self, source: Any, args: tuple, kwargs: dict, config: WorkerConfig) -> None:
         self.config = config
@@ -134,7 +135,6 @@ class Supervisor:
         self.handles: list[WorkerHandle] = []
         self._outgoing: list[WorkerHandle] = []  # workers with tasks for `flush_tasks` to send
         self.task_messages = 0  # TASK messages sent (each carries one or more tasks)
-        self.measuring = 0.0  # when the consumer began taking elements (`measure_from_now`); 0: not yet
         self.server: launcher.ForkServer | None = None
         self.version = 0  # changes whenever the set of pipes to watch changes
         self.ring_memory: str | None = None  # the kind of the rings, decided with the first one
