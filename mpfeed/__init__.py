@@ -76,7 +76,19 @@ _CONSUMER_SIDE = {
 }
 
 
+# Submodules reachable as attributes after a plain ``import mpfeed`` (``mpfeed.tf.FeederState``), imported
+# on first use: ``import mpfeed`` itself never loads TensorFlow.
+_SUBMODULES = ("tf", "keras")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise  # the module is there, but what it needs is not (TensorFlow): say that
+            raise AttributeError(f"module 'mpfeed' has no attribute {name!r}") from None
     module = _CONSUMER_SIDE.get(name)
     if module is None:
         raise AttributeError(f"module 'mpfeed' has no attribute {name!r}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import select
 import threading
 import time
@@ -141,12 +142,13 @@ class Consumer:
             cores, max_workers = autotune
             self.tuner = Autotuner(self.supervisor, self.dispatcher, self.clock, cores, max_workers)
         self._owner = weakref.ref(owner)
+        self._creator = os.getpid()  # only this process may stop the workers (not a child forked from it)
         self._finalizer = self._arm_finalizer()
 
     def _arm_finalizer(self) -> weakref.finalize:
         """Shut down when the owner is collected or the interpreter exits, if close() did not."""
         return weakref.finalize(
-            self._owner(), _shutdown, self.life, self._lock, self.supervisor, self.releases
+            self._owner(), _shutdown, self.life, self._lock, self.supervisor, self.releases, self._creator
         )
 
     def active_workers(self) -> int:
@@ -284,7 +286,10 @@ class Consumer:
         return {**state, "position": 0, "starts": [0] * len(self.supervisor.handles), "cursor": 0}
 
     def close(self) -> None:
-        """`Feeder.close`: stop the workers and release every segment, from any thread, once."""
+        """`Feeder.close`: stop the workers and release every segment, from any thread, once. In a child
+        forked from the process that made the feeder, nothing: the workers are its parent's."""
+        if os.getpid() != self._creator:
+            return
         self.life.closed = True
         self.releases.wake()  # a thread waiting for workers returns, and sees it
         thread = self._shutdown_thread
@@ -357,8 +362,9 @@ class Consumer:
                     self._peeked.append(element)
         if self._peeked[-1] is EPOCH_END:
             raise ValueError(
-                "the source produced no elements, so there is nothing to infer a signature from: "
-                "pass output_signature"
+                "the source produced no elements in this epoch: check it first (an empty glob or file "
+                "list, a len() of 0, a partition with nothing in it). If an empty epoch is what you "
+                "meant, pass output_signature, since there is no element to infer it from"
             )
         return self._peeked[-1]
 
@@ -560,9 +566,14 @@ class _Life:
         self.broken: BaseException | None = None
 
 
-def _shutdown(life: _Life, lock: threading.RLock, supervisor: Supervisor, releases: Releases) -> None:
+def _shutdown(
+    life: _Life, lock: threading.RLock, supervisor: Supervisor, releases: Releases, creator: int
+) -> None:
     """Stop the workers and release everything, once the thread that may be taking an element lets go of
-    the lock (it does within a wait slice, since it sees ``closed``)."""
+    the lock (it does within a wait slice, since it sees ``closed``). Only in the process that made the
+    feeder: a forked child that exits (and runs its finalizers) must not stop its parent's workers."""
+    if os.getpid() != creator:
+        return
     if life.broken is None:
         life.closed = True
     releases.wake()

@@ -46,6 +46,11 @@ class CallClock:
             while len(marks) > 1 and marks[1][0] <= returned - RECENT_S:
                 marks.popleft()
 
+    def begin_iteration(self) -> None:
+        """The consumer begins iterating: the time since its last call (the peek that infers a dataset's
+        signature, then the model being built) is not its step."""
+        self._last_return = None
+
     def wait_fraction(self) -> float:
         """The share of the consumer's time (its own work plus its calls) spent waiting for input."""
         total = self.between_s + self.inside_s
@@ -74,7 +79,7 @@ class Picture:
     cores: int
     ordered: bool
     batched: bool
-    busy: float  # the workers' shares of their time, summed over workers, as fractions of the whole
+    busy: float  # the workers' shares of their time since the first element, summed over workers
     blocked: float
     idle: float
     cpu_while_busy: float  # the workers' CPU time over their busy time: well below 1 when they wait on I/O
@@ -92,8 +97,9 @@ def verdict(picture: Picture) -> list[str]:
         f"{picture.overhead_s / picture.calls * 1e3:.3f} ms in mpfeed"
     )
     workers = (
-        f"the {picture.workers} workers were busy {picture.busy:.0%}, blocked on a full ring "
-        f"{picture.blocked:.0%} and idle {picture.idle:.0%} of their time"
+        f"{_the_workers(picture.workers)} busy {picture.busy:.0%}, blocked on a full ring "
+        f"{picture.blocked:.0%} and idle {picture.idle:.0%} of {'its' if picture.workers == 1 else 'their'} "
+        "time since the first element"
     )
     if share > INPUT_BOUND:
         lines = [f"input-bound: {waited}", workers]
@@ -132,3 +138,7 @@ def verdict(picture: Picture) -> list[str]:
             "so that each call moves a whole batch"
         )
     return lines
+
+
+def _the_workers(count: int) -> str:
+    return "the worker was" if count == 1 else f"the {count} workers were"

@@ -10,9 +10,10 @@ import inspect
 import os
 import secrets
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import psutil
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 
 DEFAULT_START_METHOD = "forkserver"
 _AUTO_MAX_WORKERS = 32
+# A generator source with more workers than this many per usable core gets a warning: unless it waits on
+# I/O, which nothing tells before it runs, they only compete for the cores.
+_OVERSUBSCRIBED = 4
 
 
 @dataclass(frozen=True)
@@ -67,9 +71,10 @@ class WorkerStats:
     """Where the worker runs: the address of its Ray node; None for a local process."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class FeederStats:
-    """A snapshot of a feeder's counters (`Feeder.stats`)."""
+    """A snapshot of a feeder's counters (`Feeder.stats`). Its repr puts a field on each line, and each
+    worker's figures on one line."""
 
     items: int
     """Elements delivered over the feeder's life (a batch counts as its size)."""
@@ -119,6 +124,20 @@ class FeederStats:
     workers: tuple[WorkerStats, ...]
     """Per-worker figures, by shard index."""
 
+    def __repr__(self) -> str:
+        lines = [f"  {f.name}={getattr(self, f.name)!r}," for f in fields(self) if f.name != "workers"]
+        lines += ["  workers=(", *[f"    {worker!r}," for worker in self.workers], "  ),"]
+        return "\n".join(["FeederStats(", *lines, ")"])
+
+
+class RandomAccessSource(Protocol):
+    """A source with ``__len__`` and ``__getitem__(index)``: a PyTorch map dataset, Grain's
+    RandomAccessDataSource, a list."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
 
 def _dtype_nest(node: Any) -> Any:
     """``dtypes`` with numpy dtypes at its leaves (tuples and dicts kept); `TypeError` for anything else."""
@@ -156,10 +175,13 @@ class Feeder:
         source: a random-access object, or a module-level generator function (either is pickled and
             sent to every worker).
         args, kwargs: any picklable objects, sent once to every worker and passed to a generator source.
-        workers: worker processes; default: the CPUs this process may use. ``"auto"``: for a random-access
-            source, adjusted while the feeder runs, to the fewest that keep the consumer from waiting (see
-            `mpfeed.autotune`; ``stats().active_workers``, ``stats().worker_changes``); a generator
-            source's shards cannot change without changing its data, so there it means the usable CPUs.
+        workers: worker processes; default: the CPUs this process may use. A generator source with more
+            than four per usable core gets a `RuntimeWarning` (whether it waits on I/O, and so gains from
+            them, cannot be told before it runs); a random-access one can use ``"auto"``, which measures.
+            ``"auto"``: for a random-access source, adjusted while the feeder runs, to the fewest that keep
+            the consumer from waiting (see `mpfeed.autotune`; ``stats().active_workers``,
+            ``stats().worker_changes``); a generator source's shards cannot change without changing its
+            data, so there it means the usable CPUs.
         shm_budget: the most bytes the feeder's rings may take, all workers together (default: a quarter
             of the memory available when it starts). Each ring has room for twice ``depth`` records
             within its worker's share: the slots beyond ``depth`` are given to a worker only while the
@@ -206,7 +228,7 @@ class Feeder:
 
     def __init__(
         self,
-        source: Callable[..., Iterable[Any]],
+        source: RandomAccessSource | Callable[..., Iterable[Any]],
         *,
         args: tuple = (),
         kwargs: dict[str, Any] | None = None,
@@ -232,6 +254,11 @@ class Feeder:
             raise RuntimeError(
                 "a Feeder was created while a worker imported your main script: workers import it to find "
                 'the source, so put the code that creates the feeder under `if __name__ == "__main__":`'
+            )
+        if inspect.isclass(source) and hasattr(source, "__len__") and hasattr(source, "__getitem__"):
+            raise TypeError(
+                f"source is the class {source.__qualname__}, not an instance of it: pass "
+                f"{source.__qualname__}(...), the random-access object itself"
             )
         indexed = _random_access(source)
         if indexed:
@@ -288,6 +315,15 @@ class Feeder:
             _require(
                 _is_int(count) and count >= 1, f'workers must be an int >= 1, "auto" or None, got {workers!r}'
             )
+        if not indexed and backend is None and count > _OVERSUBSCRIBED * cores:
+            warnings.warn(
+                f"workers={count} for a generator source on {cores} usable cores: mpfeed cannot tell whether "
+                "the source waits on I/O (then many workers help) or computes (then more workers than cores "
+                "only compete for them, and for memory, and each shard gets smaller). If it computes, use "
+                "workers=None (one per core); if it waits on I/O, silence this with warnings.filterwarnings",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         _require(_is_int(depth) and depth >= 1, f"depth must be an int >= 1, got {depth!r}")
         if shm_budget is None:
             shm_budget = psutil.virtual_memory().available // 4
@@ -301,6 +337,10 @@ class Feeder:
         _require(
             batch_size is None or (_is_int(batch_size) and batch_size >= 1),
             f"batch_size must be an int >= 1 or None, got {batch_size!r}",
+        )
+        _require(
+            not drop_remainder or batch_size is not None,
+            "drop_remainder=True drops the last, short batch, so it needs batch_size",
         )
         _require(
             seed is None or (_is_int(seed) and seed >= 0), f"seed must be an int >= 0 or None, got {seed!r}"
@@ -479,8 +519,7 @@ class Feeder:
         """What limits training, in a few plain lines: input-bound (the consumer waits for input more than
         20% of its time), moderately (over 5%) or bound by the consumer, and what to do about it."""
         stats = self.stats()
-        spent = [w.busy_s + w.blocked_s + w.idle_s for w in stats.workers]
-        total = sum(spent) or 1.0
+        busy, blocked, idle = _shares_since_the_first_element(self._consumer.supervisor.handles)
         picture = Picture(
             calls=stats.calls,
             wait_fraction=stats.wait_fraction,
@@ -493,9 +532,9 @@ class Feeder:
             cores=_usable_cpus(),
             ordered=self._consumer._ordered,
             batched=self._consumer.supervisor.config.batch_size is not None,
-            busy=sum(w.busy_s for w in stats.workers) / total,
-            blocked=sum(w.blocked_s for w in stats.workers) / total,
-            idle=sum(w.idle_s for w in stats.workers) / total,
+            busy=busy,
+            blocked=blocked,
+            idle=idle,
             cpu_while_busy=sum(w.cpu_s for w in stats.workers)
             / (sum(w.busy_s for w in stats.workers) or 1.0),
         )
@@ -525,13 +564,50 @@ class Feeder:
         return self._serve(self._consumer.open_pass(), copy_below)
 
     def _serve(self, serial: int, copy_below: int) -> Iterator[Any]:
-        # A generator of the feeder's own: while anyone iterates, the feeder (and so its workers) lives.
-        consumer = self._consumer
-        while True:
-            element = consumer.next(serial, copy_below)
-            if element is EPOCH_END:
-                return
-            yield element
+        return _Pass(self, serial, copy_below)
+
+
+def _shares_since_the_first_element(handles: list[WorkerHandle]) -> tuple[float, float, float]:
+    """The workers' busy, blocked and idle shares of their time since the consumer took its first element
+    (the consumer's wait is measured over the same window); over their whole life while too little time
+    has passed for every worker to have reported since."""
+    spent = np.array([handle.times for handle in handles], dtype=np.float64).reshape(-1, 3)
+    if all(handle.times_base is not None for handle in handles):
+        window = spent - np.array([handle.times_base for handle in handles], dtype=np.float64).reshape(-1, 3)
+        if window.sum() > 0:
+            spent = window
+    busy, blocked, idle = spent.sum(axis=0) / (spent.sum() or 1.0)
+    return float(busy), float(blocked), float(idle)
+
+
+class _Pass:
+    """One iteration. Not a generator: one is finished once an exception escapes it, and its next call
+    would end the epoch; here every later call asks the consumer again, which raises the same error
+    (broken stays broken). It holds the feeder: while anyone iterates, the feeder (and its workers) lives."""
+
+    __slots__ = ("_feeder", "_serial", "_copy_below", "_ended")
+
+    def __init__(self, feeder: Feeder, serial: int, copy_below: int) -> None:
+        self._feeder = feeder
+        self._serial = serial
+        self._copy_below = copy_below
+        self._ended = False
+
+    def __iter__(self) -> _Pass:
+        return self
+
+    def __next__(self) -> Any:
+        if self._ended:
+            raise StopIteration
+        consumer = self._feeder._consumer
+        if not consumer.supervisor.measuring:  # the feeder's first element: the diagnosis starts now
+            consumer.clock.begin_iteration()
+            consumer.supervisor.measure_from_now()
+        element = consumer.next(self._serial, self._copy_below)
+        if element is EPOCH_END:
+            self._ended = True
+            raise StopIteration
+        return element
 
 
 def _worker_stats(handle: WorkerHandle, released: int) -> WorkerStats:

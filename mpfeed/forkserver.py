@@ -60,7 +60,10 @@ def serve(connection: Connection, start_worker: Callable[[Connection, protocol.W
                     os._exit(code)
             os.close(fds[0])
             children.add(pid)
-            connection.send_bytes(protocol.pid(pid))
+            try:
+                connection.send_bytes(protocol.pid(pid))
+            except OSError:
+                break  # the consumer's end is gone (it gave up, or died): end with it, quietly
     finally:
         _end_children(children)
     return 0

@@ -12,14 +12,18 @@ for every worker), and the child's `WorkerSetup` (or the string "forkserver").
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import resource
 import select
 import socket
 import subprocess
 import sys
 import time
 from typing import Any
+
+import psutil
 
 from . import protocol
 from .channel import Channel
@@ -32,14 +36,74 @@ _CHILD_PROGRAM = (
     "from mpfeed.bootstrap import child_main; child_main(int(sys.argv[1]))"
 )
 FORKSERVER_ROLE = "forkserver"
-_SERVER_ANSWER_S = 30.0  # for the fork server to report the pids of the workers it forked
+_SERVER_ANSWER_S = 30.0  # for the fork server to report the pid of another worker it forked
+_FORKS_IN_FLIGHT = 16  # fork requests sent to the server and not yet answered, at most
 _SERVER_EXIT_WAIT_S = 5.0
 _READ_SLICE_S = 0.05
+
+# What each worker costs this process and the machine, at the least, for `check_limits`.
+_MANY_WORKERS = 64
+_FDS_PER_WORKER = 2  # its pipe, and its ring's memfd
+_FD_MARGIN = 64  # for the user's own files, TensorFlow's, and the fork server
+_FORKED_WORKER_BYTES = 8 << 20  # measured: a worker forked from the server, before the source loads anything
+_SPAWNED_WORKER_BYTES = 19 << 20  # a spawned one, with its own interpreter and numpy
 
 # Math libraries start a thread per core in every process that loads them: N workers would start N x
 # cores threads (which spin at start-up, doubling a worker's start-up CPU) and then oversubscribe the
 # machine. Workers get one each, unless the user set these variables.
 SINGLE_THREADED = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def check_limits(adding: int, start_method: str) -> None:
+    """Refuse at once, naming the limit, to start ``adding`` more workers past this process's limits on
+    processes (RLIMIT_NPROC), open files (RLIMIT_NOFILE) or the memory available, instead of failing
+    part way with a misleading error."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+    # Counting the user's threads reads all of /proc: only for many workers (a few more fail to fork)
+    if soft != resource.RLIM_INFINITY and os.geteuid() != 0 and adding >= _MANY_WORKERS:
+        used = _threads_of_user()
+        if used + adding + 1 > soft:
+            raise OSError(
+                errno.EAGAIN,
+                f"starting {adding} worker processes would take this user past its limit of {soft} processes "
+                f"and threads (RLIMIT_NPROC, `ulimit -u`; {used} in use now): raise the limit, or use fewer "
+                "workers",
+            )
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = adding * _FDS_PER_WORKER + _open_fds() + _FD_MARGIN
+    if soft != resource.RLIM_INFINITY and needed > soft:
+        raise OSError(
+            errno.EMFILE,
+            f"{adding} workers need about {needed} open files in this process (a pipe and a ring each), past "
+            f"its limit of {soft} (RLIMIT_NOFILE, `ulimit -n`, or resource.setrlimit): raise the limit, or "
+            "use fewer workers",
+        )
+    each = _FORKED_WORKER_BYTES if start_method == "forkserver" else _SPAWNED_WORKER_BYTES
+    available = psutil.virtual_memory().available
+    if adding * each > available:
+        raise OSError(
+            errno.ENOMEM,
+            f"{adding} workers need at least {adding * each / 2**30:.1f} GiB of memory ({each >> 20} MiB "
+            f"each before the source loads anything), but {available / 2**30:.1f} GiB is available: use "
+            "fewer workers",
+        )
+
+
+def _threads_of_user() -> int:
+    """Processes and threads of this user (what RLIMIT_NPROC counts)."""
+    uid, count = os.getuid(), 0
+    for process in psutil.process_iter(["uids", "num_threads"]):
+        uids, threads = process.info["uids"], process.info["num_threads"]
+        if uids is not None and uids.real == uid:
+            count += threads or 1
+    return count
+
+
+def _open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
 
 
 def pickle_work(source: Any, args: tuple, kwargs: dict) -> bytes:
@@ -59,7 +123,8 @@ def pickle_work(source: Any, args: tuple, kwargs: dict) -> bytes:
                 else "pass something picklable (a path instead of an open file, a config instead of a lock)"
             )
             raise TypeError(
-                f"mpfeed runs `source` in spawned worker processes, so {what} must be picklable; "
+                "mpfeed sends `source` to its worker processes (fresh interpreters, never copies of this "
+                f"one), so {what} must be picklable; "
                 f"{name!r} can't be pickled ({type(error).__name__}: {error}): {hint}"
             ) from error
     return pickle.dumps((source, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
@@ -78,7 +143,8 @@ def main_module_spec(work: bytes) -> dict:
         return {"main_path": os.path.abspath(path)}
     where = "a script read from standard input" if path == "<stdin>" else "an interactive session's __main__"
     raise TypeError(
-        f"mpfeed's source (or an argument) is defined in {where}, which spawned worker processes cannot "
+        f"mpfeed's source (or an argument) is defined in {where}, which mpfeed's worker processes (fresh "
+        "interpreters) cannot "
         "import: define it in a module (a .py file) and import it"
     )
 
@@ -123,10 +189,14 @@ class ForkServer:
         self._failure: protocol.Failure | None = None  # why the server could not start, as it said
 
     def fork_all(self, setups: list[protocol.WorkerSetup]) -> list[tuple[ForkedProcess, Channel]]:
-        """Fork one worker per setup; returns each one's process and the consumer's end of its pipe."""
+        """Fork one worker per setup; returns each one's process and the consumer's end of its pipe.
+
+        Requests are pipelined, at most `_FORKS_IN_FLIGHT` unanswered: sent all at once, the server's
+        answers would fill the pipe back while we still send, and each side would wait for the other."""
         ends = []
         try:
-            for setup in setups:
+            for sent_so_far, setup in enumerate(setups):
+                self._await_answers(sent_so_far - _FORKS_IN_FLIGHT + 1)
                 parent_end, child_end = socket.socketpair()
                 ends.append(Channel(parent_end))
                 try:
@@ -139,17 +209,26 @@ class ForkServer:
                     child_end.close()
                 if not sent:
                     raise self.died()
-            deadline = time.monotonic() + _SERVER_ANSWER_S
-            while len(self._pids) < len(setups):
-                self.read(_READ_SLICE_S)
-                if self.gone or time.monotonic() > deadline:
-                    raise self.died()
+            self._await_answers(len(setups))
         except BaseException:
             for end in ends:
                 end.close()
             raise
         pids, self._pids = self._pids, []
         return [(ForkedProcess(pid, self.exits), end) for pid, end in zip(pids, ends)]
+
+    def _await_answers(self, count: int) -> None:
+        """Wait until the server has answered ``count`` requests of this `fork_all`, as long as it keeps
+        answering: `_SERVER_ANSWER_S` without a new answer is a server that stopped."""
+        self.read()
+        deadline = time.monotonic() + _SERVER_ANSWER_S
+        answered = len(self._pids)
+        while len(self._pids) < count:
+            self.read(_READ_SLICE_S)
+            if len(self._pids) > answered:
+                answered, deadline = len(self._pids), time.monotonic() + _SERVER_ANSWER_S
+            if self.gone or time.monotonic() > deadline:
+                raise self.died()
 
     def read(self, timeout: float = 0.0) -> None:
         """Take the server's news (pids of new workers, exit codes of ended ones), waiting at most

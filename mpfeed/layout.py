@@ -1,7 +1,8 @@
 """How an element becomes one contiguous record, and back again.
 
-An element is a leaf or a tuple/list/dict nest of leaves. A record is laid out so that every leaf can be
-read in place as a numpy view (records start 64-byte aligned, in a ring slot or in a received buffer)::
+An element is a leaf or a tuple/list/dict/namedtuple nest of leaves. A record is laid out so that every
+leaf can be read in place as a numpy view (records start 64-byte aligned, in a ring slot or in a received
+buffer)::
 
     header  32 bytes   magic u32 | spec_len u32 | n_dims u32 | count u32 | seq u64 | record_len u64
     spec    spec_len   pickled (treedef, leaf kinds, dtypes, ndims): the same bytes for a whole shard
@@ -16,6 +17,7 @@ processes or shared memory.
 from __future__ import annotations
 
 import functools
+import importlib
 import operator
 import pickle
 import struct
@@ -34,7 +36,10 @@ ARRAY, NPSCALAR, INT, FLOAT, BOOL, BYTES, STR = range(7)
 _PY_SCALAR_DTYPES = {INT: np.dtype("<i8"), FLOAT: np.dtype("<f8"), BOOL: np.dtype("?")}
 _SUPPORTED = "numpy arrays and scalars of fixed-size dtypes, int, float, bool, bytes and str"
 
-Treedef = Any  # None for a leaf, ("t"|"l", children) for tuples and lists, ("d", keys, children) for dicts
+# None for a leaf, ("t"|"l", children) for tuples and lists, ("d", keys, children) for dicts (keys sorted, as
+# tf.nest does, where they sort), ("n", (module, qualname), children) for namedtuples, which are rebuilt by
+# importing their class by name, and ("x", type name) for a nest mpfeed cannot rebuild (`Encoder` refuses it).
+Treedef = Any
 
 
 def align(n: int) -> int:
@@ -51,7 +56,7 @@ def aligned_empty(nbytes: int) -> np.ndarray:
 
 
 def flatten(element: Any) -> tuple[Treedef, list]:
-    """Split an element into its structure and its leaves (depth first, dict keys in insertion order)."""
+    """Split an element into its structure and its leaves (depth first, dict keys sorted)."""
     if not isinstance(element, _NESTS):
         return None, [element]
     leaves: list = []
@@ -62,10 +67,21 @@ _NESTS = (tuple, list, dict)
 
 
 def _flatten(node: tuple | list | dict, leaves: list) -> Treedef:
-    if isinstance(node, dict):
-        keys = tuple(node)
+    kind = type(node)
+    if kind is dict:
+        assert isinstance(node, dict)
+        try:
+            keys = tuple(sorted(node))
+        except TypeError:  # keys that do not sort (str and int mixed): insertion order
+            keys = tuple(node)
         return ("d", keys, _flatten_children([node[key] for key in keys], leaves))
-    return ("t" if isinstance(node, tuple) else "l", _flatten_children(node, leaves))
+    if kind is tuple:
+        return ("t", _flatten_children(node, leaves))
+    if kind is list:
+        return ("l", _flatten_children(node, leaves))
+    if isinstance(node, tuple) and hasattr(kind, "_fields"):
+        return ("n", (kind.__module__, kind.__qualname__), _flatten_children(node, leaves))
+    return ("x", f"{kind.__module__}.{kind.__qualname__}")
 
 
 def _flatten_children(children: Any, leaves: list) -> tuple:
@@ -91,7 +107,32 @@ def _unflatten(treedef: Treedef, leaves) -> Any:
         return tuple(_unflatten(child, leaves) for child in treedef[1])
     if treedef[0] == "l":
         return [_unflatten(child, leaves) for child in treedef[1]]
+    if treedef[0] == "n":
+        return named_type(*treedef[1])(*[_unflatten(child, leaves) for child in treedef[2]])
     return {key: _unflatten(child, leaves) for key, child in zip(treedef[1], treedef[2])}
+
+
+@functools.lru_cache(maxsize=256)
+def named_type(module: str, qualname: str) -> Any:
+    """A namedtuple class by its import name; `TypeError` saying why when it cannot be had that way."""
+    hint = (
+        "define the namedtuple at the top level of a module (not inside a function), or yield a tuple or "
+        "a dict instead"
+    )
+    try:
+        found: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except Exception as error:
+        raise TypeError(
+            f"is a namedtuple {module}.{qualname}, which mpfeed rebuilds by importing it by name, and that "
+            f"fails ({type(error).__name__}: {error}): {hint}"
+        ) from None
+    if not (isinstance(found, type) and issubclass(found, tuple) and hasattr(found, "_fields")):
+        raise TypeError(
+            f"is a namedtuple {module}.{qualname}, but that name imports {found!r}, another object: {hint}"
+        )
+    return found
 
 
 def leaf_paths(treedef: Treedef, prefix: str = "element") -> list[str]:
@@ -100,6 +141,10 @@ def leaf_paths(treedef: Treedef, prefix: str = "element") -> list[str]:
         return [prefix]
     if treedef[0] in ("t", "l"):
         children = [(f"{prefix}[{i}]", child) for i, child in enumerate(treedef[1])]
+    elif treedef[0] == "n":
+        children = [(f"{prefix}[{i}]", child) for i, child in enumerate(treedef[2])]
+    elif treedef[0] == "x":
+        return []
     else:
         children = [(f"{prefix}[{key!r}]", child) for key, child in zip(treedef[1], treedef[2])]
     return [path for child_prefix, child in children for path in leaf_paths(child, child_prefix)]
@@ -110,6 +155,12 @@ def describe_leaf(leaf: Any) -> tuple[int, Any, int]:
     keep their fields); `TypeError` for anything mpfeed cannot carry."""
     kind = type(leaf)
     if kind is np.ndarray or isinstance(leaf, np.ndarray):
+        if isinstance(leaf, np.ma.MaskedArray):
+            raise TypeError(
+                "is a numpy masked array, and mpfeed would carry its data without its mask (the masked "
+                "entries as whatever lies beneath them): pass leaf.filled(value), or its data and "
+                "np.ma.getmaskarray(leaf) as two leaves"
+            )
         if leaf.dtype.hasobject or leaf.dtype.itemsize == 0:
             raise TypeError(
                 f"is a numpy array of dtype {leaf.dtype} (shape {leaf.shape}); mpfeed carries {_SUPPORTED}"
@@ -132,6 +183,15 @@ def describe_leaf(leaf: Any) -> tuple[int, Any, int]:
     raise TypeError(f"is a {kind.__module__}.{kind.__qualname__}; mpfeed carries {_SUPPORTED}")
 
 
+class BadElement(TypeError, ValueError):
+    """An element the encoder refuses, with why; ``item`` is its row in the record (0 unless batched), so
+    that the worker can name the element itself."""
+
+    def __init__(self, message: str, item: int) -> None:
+        super().__init__(message)
+        self.item = item
+
+
 class Encoder:
     """Worker side: checks elements against the first one of the stream and writes them as records."""
 
@@ -148,10 +208,14 @@ class Encoder:
         self._plans: dict[tuple, _Plan] = {}
 
     def prepare(self, items: list[tuple[Treedef, list]], seq: int, batched: bool) -> Record:
-        """Check a single element (or the elements of one batch) and plan its record."""
-        for treedef, leaves in items:
+        """Check a single element (or the elements of one batch) and plan its record; `BadElement` names
+        the row of an element it cannot carry."""
+        for item, (treedef, leaves) in enumerate(items):
             if self._key is None or treedef != self._treedef or not self._conforms(leaves):
-                self._check(treedef, leaves)
+                try:
+                    self._check(treedef, leaves)
+                except (TypeError, ValueError) as error:
+                    raise BadElement(str(error), item) from None
         return Record(self, items, seq, batched)
 
     def _conforms(self, leaves: list[Any]) -> bool:
@@ -170,6 +234,7 @@ class Encoder:
 
     def _check(self, treedef: Treedef, leaves: list) -> None:
         """Describe every leaf: adopt the first element's description, refuse any change after it."""
+        _check_nests(treedef, "element")
         key = (treedef, tuple(self._describe(treedef, leaves)))
         if self._key is None:
             self._adopt(key, leaves)
@@ -202,6 +267,35 @@ class Encoder:
         if plan is None:
             plan = _remember(self._plans, key, _Plan.of(self, dims, count), self._MAX_PLANS)
         return plan
+
+
+def _check_nests(treedef: Treedef, path: str) -> None:
+    """Refuse a nest that could not come back as the same type: a subclass of dict, list or tuple (but a
+    namedtuple whose class imports by name)."""
+    if treedef is None:
+        return
+    tag = treedef[0]
+    if tag == "x":
+        raise TypeError(
+            f"{path} is a {treedef[1]}, a subclass of dict, list or tuple, which mpfeed cannot rebuild on "
+            "the consumer's side (it would come back as a plain dict, list or tuple): yield a plain dict, "
+            "list or tuple (dict(x), list(x)), or a namedtuple defined at the top level of a module"
+        )
+    if tag == "n":
+        try:
+            fields = named_type(*treedef[1])._fields
+        except TypeError as error:
+            raise TypeError(f"{path} {error}") from None
+        if len(fields) != len(treedef[2]):
+            raise TypeError(
+                f"{path} is a namedtuple of {len(treedef[2])} fields, but {'.'.join(treedef[1])}, the class "
+                f"its name imports, has {len(fields)}: define each namedtuple once, at the top level of a "
+                "module"
+            )
+    children = treedef[1] if tag in ("t", "l") else treedef[2]
+    keys = treedef[1] if tag == "d" else range(len(children))
+    for key, child in zip(keys, children):
+        _check_nests(child, f"{path}[{key!r}]")
 
 
 def _remember(cache: dict, key: Any, value: Any, limit: int) -> Any:
@@ -243,6 +337,10 @@ def _sketch(treedef: Treedef) -> str:
         return "leaf"
     if treedef[0] == "d":
         return "{" + ", ".join(f"{k!r}: {_sketch(c)}" for k, c in zip(treedef[1], treedef[2])) + "}"
+    if treedef[0] == "n":
+        return f"{treedef[1][1]}(" + ", ".join(_sketch(c) for c in treedef[2]) + ")"
+    if treedef[0] == "x":
+        return treedef[1]
     inner = ", ".join(_sketch(c) for c in treedef[1])
     return f"({inner})" if treedef[0] == "t" else f"[{inner}]"
 
@@ -321,6 +419,23 @@ def _utf8(text: str, treedef: Treedef, index: int) -> bytes:
         ) from None
 
 
+def _utf8_of_row(text: str, treedef: Treedef, index: int, row: int) -> bytes:
+    try:
+        return _utf8(text, treedef, index)
+    except ValueError as error:
+        raise BadElement(str(error), row) from None
+
+
+def _first_overflow(column: list, dtype: np.dtype | None) -> int:
+    """The row of a batch's column of Python ints whose value is out of range."""
+    for row, value in enumerate(column):
+        try:
+            np.array(value, dtype=dtype)
+        except OverflowError:
+            return row
+    return 0
+
+
 _SMALL_LEAF_BYTES = 1 << 16  # leaves up to this size are written from `tobytes()`: fewer calls than a view
 _PY_SCALAR_STRUCTS = {INT: struct.Struct("<q"), FLOAT: struct.Struct("<d"), BOOL: struct.Struct("?")}
 
@@ -337,7 +452,10 @@ class Record:
         if batched:
             dims, self._values = self._columns(encoder, items)
         else:
-            dims, self._values = self._leaves(encoder, items[0])
+            try:
+                dims, self._values = self._leaves(encoder, items[0])
+            except ValueError as error:
+                raise BadElement(str(error), 0) from None
         self._n_dims = len(dims)
         self._plan = encoder.plan(tuple(dims), self._count)
 
@@ -376,23 +494,30 @@ class Record:
             dims.append(rows)
             if kind == ARRAY:
                 shape = column[0].shape
-                for other in column[1:]:
+                for row, other in enumerate(column):
                     if other.shape != shape:
                         path = leaf_paths(items[0][0])[index]
-                        raise ValueError(
-                            f"cannot batch {path}: shapes {shape} and {other.shape} differ within one batch"
+                        raise BadElement(
+                            f"cannot batch {path}: shapes {shape} and {other.shape} differ within one batch",
+                            row,
                         )
                 dims += shape
             elif kind in (BYTES, STR):
                 if kind == STR:
-                    column = [_utf8(text, treedef, index) for (treedef, _), text in zip(items, column)]
+                    column = [
+                        _utf8_of_row(text, treedef, index, row)
+                        for row, ((treedef, _), text) in enumerate(zip(items, column))
+                    ]
                 dims.append(sum(len(b) for b in column))
             else:
                 try:
                     column = np.array(column, dtype=encoder._dtypes[index])
                 except OverflowError:
                     path = leaf_paths(items[0][0])[index]
-                    raise ValueError(f"{path} holds an int beyond the int64 an int travels as") from None
+                    raise BadElement(
+                        f"{path} holds an int beyond the int64 an int travels as",
+                        _first_overflow(column, encoder._dtypes[index]),
+                    ) from None
             columns.append(column)
         return dims, columns
 
@@ -528,6 +653,8 @@ def _builder(treedef: Treedef) -> Callable[[list], Any]:
             return tuple
         if treedef[0] == "l":
             return list
+        if treedef[0] == "n":
+            return named_type(*treedef[1])._make
         keys = treedef[1]
         return lambda leaves: dict(zip(keys, leaves))
     return functools.partial(unflatten, treedef)

@@ -30,6 +30,7 @@ from .supervisor import (
     Supervisor,
     WorkerConfig,
     WorkerHandle,
+    describe_task,
     failure_error,
     queue_record,
 )
@@ -96,6 +97,7 @@ class ActorHandle(WorkerHandle):
 
     actor: Any = None
     calls: deque = field(default_factory=deque)  # ObjectRefs of unanswered calls, in the order made
+    tasks: dict = field(default_factory=dict)  # random access: ObjectRef of a task's call -> (task, indices)
     node_id: str = ""
     start: int = 0  # generator: the shard's first element wanted in this run (a resume)
     ended_run: bool = False  # generator: this run's END came (later calls only repeat it)
@@ -250,7 +252,9 @@ class RaySupervisor(Supervisor):
     def send_task(self, worker: WorkerHandle, task: int, indices: list[int]) -> None:
         """Ask an actor of a random-access source to make task ``task`` of the current run."""
         handle = _actor(worker)
-        handle.calls.append((self.run, handle.actor.task.remote(self.run, self.epoch, task, indices)))
+        ref = handle.actor.task.remote(self.run, self.epoch, task, indices)
+        handle.calls.append((self.run, ref))
+        handle.tasks[ref] = (task, indices)
         if not handle.pending_tasks:
             handle.busy_since = time.monotonic()
         handle.pending_tasks += 1
@@ -302,6 +306,7 @@ class RaySupervisor(Supervisor):
         for handle in map(_actor, self.handles):
             while handle.calls and not handle.gone and handle.calls[0][1] in done:
                 run, ref = handle.calls.popleft()
+                task = handle.tasks.pop(ref, None)
                 if run != self.run:  # an abandoned run's call (answered STALE, or made before): room
                     if self.config.indexed:
                         handle.pending_tasks -= 1
@@ -311,7 +316,7 @@ class RaySupervisor(Supervisor):
                 try:
                     answer = ray.get(ref)
                 except ray.exceptions.RayError as error:
-                    self._died(handle, error)
+                    self._died(handle, error, task)
                     break
                 self._take(handle, answer)
 
@@ -321,7 +326,8 @@ class RaySupervisor(Supervisor):
             _, key, record, usage = answer
             queue_record(handle, Record(key, None, shared=record))
             if usage is not None:
-                handle.times, handle.usage = usage[:3], usage[3:]
+                self.note_times(handle, usage[:3])
+                handle.usage = usage[3:]
         elif kind == END:
             if not handle.ended_run:  # the calls made after the end repeat it
                 handle.inbox.append(End(answer[1]))
@@ -332,14 +338,18 @@ class RaySupervisor(Supervisor):
         elif kind != STALE:
             raise AssertionError(f"unknown answer {kind!r}")
 
-    def _died(self, handle: ActorHandle, error: BaseException) -> None:
-        """The actor (or its node) is gone: its error takes the place of its next record."""
+    def _died(self, handle: ActorHandle, error: BaseException, task: tuple | None = None) -> None:
+        """The actor (or its node) is gone: its error takes the place of its next record. ``task``: the
+        random-access task whose call failed, ``(task, indices)``."""
         handle.gone = True
         lines = [line.strip() for line in str(error).splitlines()]
         reason = " ".join(line for line in lines if line.startswith("The actor")) or (
             lines[0] if lines else ""
         )
-        if self.config.indexed:
+        element = None if self.config.indexed else handle.produced
+        if self.config.indexed and task is not None:
+            element, state = describe_task(task[0], task[1], self.config.batch_size, self.epoch)
+        elif self.config.indexed:
             state = f"while it held {handle.pending_tasks} task(s) of epoch {self.epoch}"
         else:
             state = f"while producing element {handle.produced} of its shard (epoch {self.epoch})"
@@ -348,7 +358,7 @@ class RaySupervisor(Supervisor):
             worker=handle.index,
             pid=handle.pid,
             node=handle.node,
-            element=None if self.config.indexed else handle.produced,
+            element=element,
             epoch=self.epoch,
         )
         handle.inbox.append(died)
@@ -372,6 +382,7 @@ class RaySupervisor(Supervisor):
         for handle in map(_actor, self.handles):
             handle.gone = True
             handle.calls.clear()
+            handle.tasks.clear()
             handle.inbox.clear()
             if handle.actor is not None:
                 ray.kill(handle.actor, no_restart=True)

@@ -23,7 +23,7 @@ from . import protocol, tfguard
 from .conform import conform_items
 from .layout import Encoder, aligned_empty
 from .shard import Shard, shard_seed
-from .worker import ShardEpoch, SourceFailed, describe_failure, task_items
+from .worker import ShardEpoch, SourceFailed, describe_failure, refused_element, task_items
 
 RECORD, END, FAILED, STALE = "record", "end", "failed", "stale"
 _USAGE_S = 0.5  # how often an answer carries the process's CPU time and memory
@@ -126,24 +126,26 @@ class ActorWorker:
             self.run, self.epoch = run, epoch
             setup = self.setup
             items = task_items(self.source, setup.seed, epoch, indices, seq * (setup.batch_size or 1))
-            return (RECORD, seq, self._encode(items, seq, setup.batch_size is not None), self._usage())
+            record = self._encode(items, seq, setup.batch_size is not None, indices)
+            return (RECORD, seq, record, self._usage())
         except SourceFailed as failed:
             return self._failed("source", failed.error, failed.element, failed.position)
         except _Refused as refused:
-            return self._failed("element", refused.error, refused.element)
+            return self._failed("element", refused.error, refused.element, refused.position)
         finally:
             self.busy_s += time.monotonic() - began
 
     # -- records and reports -------------------------------------------------------------------------
 
-    def _encode(self, items: list, first: int, batched: bool) -> np.ndarray:
-        """The record as a 64-byte-aligned uint8 array; `_Refused` for an element mpfeed cannot carry."""
+    def _encode(self, items: list, first: int, batched: bool, indices: list[int] | None = None) -> np.ndarray:
+        """The record as a 64-byte-aligned uint8 array; `_Refused` for an element mpfeed cannot carry
+        (``indices``: a random-access task's, whose number ``first`` is)."""
         try:
             if self.setup.dtypes is not None:
                 items = conform_items(items, self.setup.dtypes)
             record = self.encoder.prepare(items, first, batched)
         except (TypeError, ValueError) as error:
-            raise _Refused(error, first) from None
+            raise _Refused(error, *refused_element(error, first, indices, self.setup.batch_size)) from None
         buffer = aligned_empty(record.nbytes)
         record.write(buffer)
         return buffer
@@ -173,6 +175,7 @@ class ActorWorker:
 class _Refused(Exception):
     """An element mpfeed cannot carry: ``error`` from the encoder, for element ``element``."""
 
-    def __init__(self, error: BaseException, element: int) -> None:
+    def __init__(self, error: BaseException, element: int, position: int | None = None) -> None:
         self.error = error
         self.element = element
+        self.position = position

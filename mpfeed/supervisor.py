@@ -31,6 +31,7 @@ _DRAIN_SLICE_S = 0.02
 _SPARE_FACTOR = 2  # a ring has this many times depth slots: the rest is granted when views linger
 # The weight of each task in a worker's smoothed pace: a long memory, so one slow element barely moves it.
 _PACE_WEIGHT = 0.05
+_BATCH_SHOWN = 8  # the source indices a dead worker's batch is named by, at most
 
 
 @dataclass(slots=True)
@@ -92,6 +93,7 @@ class WorkerHandle:
     ended: bool = False  # this epoch's End has been taken from the inbox
     produced: int = 0  # generator: elements of its shard it announced in the current run
     pending_tasks: int = 0  # random access: tasks sent in the current run and not yet answered
+    unanswered: deque = field(default_factory=deque)  # local random access: those tasks, (task, indices)
     service_s: float | None = None  # random access: how long it takes per task, smoothed
     busy_since: float = 0.0  # when it last started on a task with none before it (or answered one)
     items: int = 0  # elements delivered over the feeder's life
@@ -103,6 +105,9 @@ class WorkerHandle:
     credits: list = field(default_factory=list)  # freed slots not yet sent back
     outgoing: list = field(default_factory=list)  # (task, indices) sent with the next `flush_tasks`
     times: tuple[float, float, float] = (0.0, 0.0, 0.0)  # busy, blocked, idle seconds, as it last said
+    # ``times`` as first said once the consumer began taking elements (see `Supervisor.measure_from_now`)
+    times_base: tuple[float, float, float] | None = None
+    born: float = field(default_factory=time.monotonic)  # no later than the worker's own start
     node: str | None = None  # where a remote worker runs (a Ray node's address); None: this host
     usage: tuple[float, int] | None = None  # a remote worker's CPU seconds and resident bytes, as it said
 
@@ -118,6 +123,7 @@ class WorkerHandle:
 
 class Supervisor:
     remote = False  # local workers are waited for through their pipes (`watched`), remote ones by `wait`
+    measuring = 0.0  # when the consumer began taking elements (`measure_from_now`); 0: not yet
 
     def __init__(self, source: Any, args: tuple, kwargs: dict, config: WorkerConfig) -> None:
         self.config = config
@@ -139,6 +145,7 @@ class Supervisor:
         try:
             if config.slot_bytes is not None:
                 self._check_space(config.slot_bytes)
+            launcher.check_limits(config.workers, config.start_method)
             if config.start_method == "forkserver":
                 self.server = launcher.ForkServer(self._work, self._main_spec)
             self.add_workers(config.workers)
@@ -151,6 +158,9 @@ class Supervisor:
         for a random-access source, whose data does not depend on them). They join the current run."""
         config = self.config
         first = len(self.handles)
+        if first:  # more, while running (autotuning); the feeder's own workers were checked before the server
+            launcher.check_limits(count, config.start_method)
+        launched = time.monotonic()
         rings: list[Ring | None] = [None] * count
         try:
             if config.slot_bytes is not None:
@@ -174,11 +184,11 @@ class Supervisor:
             ]
             if self.server is not None:
                 for offset, (process, channel) in enumerate(self.server.fork_all(setups)):
-                    self._adopt(WorkerHandle(first + offset, process, channel, rings[offset]))
+                    self._adopt(WorkerHandle(first + offset, process, channel, rings[offset], born=launched))
             else:
                 for offset, setup in enumerate(setups):
                     spawned, channel = launcher.launch(self._work, self._main_spec, setup)
-                    self._adopt(WorkerHandle(first + offset, spawned, channel, rings[offset]))
+                    self._adopt(WorkerHandle(first + offset, spawned, channel, rings[offset], born=launched))
         finally:
             for ring in rings[len(self.handles) - first :]:
                 if ring is not None:
@@ -205,6 +215,7 @@ class Supervisor:
             handle.ended = False
             handle.produced = 0
             handle.pending_tasks = 0
+            handle.unanswered.clear()
             failure = handle.inbox[-1] if handle.failed else None
             for entry in handle.inbox:
                 if isinstance(entry, Record):
@@ -223,6 +234,7 @@ class Supervisor:
         if not handle.outgoing:
             self._outgoing.append(handle)
         handle.outgoing.append((task, indices))
+        handle.unanswered.append((task, indices))  # a worker answers its tasks in the order sent
         if not handle.pending_tasks:
             handle.busy_since = time.monotonic()
         handle.pending_tasks += 1
@@ -341,7 +353,7 @@ class Supervisor:
             if run == self.run:
                 handle.inbox.append(End(count))
         elif tag == protocol.TIMES:
-            handle.times = protocol.read_times(message)
+            self.note_times(handle, protocol.read_times(message))
         elif tag == protocol.ATTACHED:
             if handle.ring is not None:
                 handle.ring.unlink()
@@ -349,9 +361,26 @@ class Supervisor:
             self._forget(handle)
             handle.inbox.append(self._failure(handle, pickle.loads(message[1:])))
 
+    def measure_from_now(self) -> None:
+        """The consumer begins taking elements: the workers' shares of time are measured from each one's
+        first report made since, so that the time before (a model being built) does not count as idle."""
+        self.measuring = time.monotonic()
+        for handle in self.handles:
+            handle.times_base = None
+
+    def note_times(self, handle: WorkerHandle, times: tuple[float, float, float]) -> None:
+        """A worker's busy, blocked and idle seconds since its start, which add up to its age when it said
+        so: a report read now may have waited in the pipe, and only one made since `measure_from_now` is
+        a base."""
+        handle.times = times
+        if self.measuring and handle.times_base is None and handle.born + sum(times) >= self.measuring:
+            handle.times_base = times
+
     def _queue(self, handle: WorkerHandle, run: int, record: Record) -> None:
         """Queue a record of the current run; give back the slot of one from an abandoned run."""
         if run == self.run:
+            if handle.unanswered:
+                handle.unanswered.popleft()
             queue_record(handle, record)
         else:
             self.release(handle, record)
@@ -437,11 +466,14 @@ class Supervisor:
             return entry
         exitcode = entry.exitcode
         ended = handle.ended or any(isinstance(e, End) for e in handle.inbox)
+        element = None if ended else handle.produced
         state = (
             f"after its shard of epoch {self.epoch} ended"
             if ended
             else f"while producing element {handle.produced} of its shard (epoch {self.epoch})"
         )
+        if self.config.indexed:
+            element, state = self._task_in_hand(handle)
         how = describe_exit(exitcode)
         if exitcode is None and self.server is not None and self.server.gone:
             how += f": {self.server.describe()}"
@@ -449,11 +481,19 @@ class Supervisor:
             f"worker {handle.index} (pid {handle.pid}) {how} {state}",
             worker=handle.index,
             pid=handle.pid,
-            element=None if ended else handle.produced,
+            element=element,
             epoch=self.epoch,
         )
         error.exitcode = exitcode
         return error
+
+    def _task_in_hand(self, handle: WorkerHandle) -> tuple[int | None, str]:
+        """A random-access worker that ended: ``(source index, words)`` for the task it was making, the
+        oldest it had not answered (a batch's element is one of the task's, and the index is None)."""
+        if not handle.unanswered:
+            return None, f"while it held no task (epoch {self.epoch})"
+        task, indices = handle.unanswered[0]
+        return describe_task(task, indices, self.config.batch_size, self.epoch)
 
     # -- stopping ------------------------------------------------------------------------------------
 
@@ -555,6 +595,22 @@ def failure_error(failure: protocol.Failure, handle: WorkerHandle, who: str, ind
     )
     error.exc_type = failure.type
     return error
+
+
+def describe_task(
+    task: int, indices: list[int], batch_size: int | None, epoch: int
+) -> tuple[int | None, str]:
+    """``(source index, words)`` for a random-access task a worker died making: ``source[i]`` and its
+    position, or for a batch, its indices (the index is then None: which of them is not known)."""
+    position = task * (batch_size or 1)
+    if len(indices) == 1:
+        return indices[0], f"while producing source[{indices[0]}] (position {position} of epoch {epoch})"
+    shown = ", ".join(f"source[{i}]" for i in indices[:_BATCH_SHOWN])
+    more = f" and {len(indices) - _BATCH_SHOWN} more" if len(indices) > _BATCH_SHOWN else ""
+    return None, (
+        f"while producing one of the batch {shown}{more} (positions {position} to "
+        f"{position + len(indices) - 1} of epoch {epoch})"
+    )
 
 
 def queue_record(handle: WorkerHandle, record: Record) -> None:

@@ -120,6 +120,8 @@ def _sketch(node: Any) -> str:
 
 
 def _lists_to_tuples(node: Any) -> Any:
+    if isinstance(node, tuple) and hasattr(type(node), "_fields"):  # a namedtuple keeps its type
+        return type(node)(*(_lists_to_tuples(child) for child in node))
     if isinstance(node, (list, tuple)):
         return tuple(_lists_to_tuples(child) for child in node)
     if isinstance(node, dict):
@@ -226,11 +228,13 @@ def feeder_dataset(
             return
 
     if chunk_size == 1:
-        dataset = tf.data.Dataset.from_generator(elements, output_signature=output_signature)
+        dataset = tf.data.Dataset.from_generator(
+            lambda: _Sticky(elements()), output_signature=output_signature
+        )
     else:
 
         def chunks() -> Iterator[Any]:
-            yield from _chunked(elements(), chunk_size, check_shapes)
+            return _Sticky(_chunked(elements(), chunk_size, check_shapes))
 
         chunk_signature = tf.nest.map_structure(
             lambda spec: tf.TensorSpec((None, *spec.shape), spec.dtype), output_signature
@@ -318,6 +322,31 @@ def _has_feeder(dataset: Any, depth: int = 0) -> bool:
     except Exception:  # a dataset kind whose inputs TensorFlow cannot list
         return False
     return any(_has_feeder(child, depth + 1) for child in inputs)
+
+
+class _Sticky:
+    """An iterator whose every call after an exception raises that exception again: TensorFlow calls the
+    generator again after an error, and a finished generator would end the pass as if it were complete."""
+
+    __slots__ = ("_iterator", "_error")
+
+    def __init__(self, iterator: Iterator[Any]) -> None:
+        self._iterator = iterator
+        self._error: Exception | None = None
+
+    def __iter__(self) -> _Sticky:
+        return self
+
+    def __next__(self) -> Any:
+        if self._error is not None:
+            raise self._error.with_traceback(None)  # without the frames of earlier raises
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            raise
+        except Exception as error:
+            self._error = error
+            raise
 
 
 def _shape_checker(signature: Any) -> Callable[[list], None]:

@@ -5,9 +5,10 @@ and a process forked from it can deadlock. A training script imports TensorFlow 
 its source beside it, so a worker that imports the script must get past lines such as
 ``AUTOTUNE = tf.data.AUTOTUNE``, ``class Clock(keras.callbacks.Callback)``, ``with tf.device(...)`` or
 ``for gpu in tf.config.list_physical_devices("GPU")``. Stand-ins allow exactly that: attribute access, calls,
-subclassing and decorating always; iteration, ``len``, truth and ``with`` only while the script is being
-imported. Anything that would need a real value (converting to an array, arithmetic, or any use of those
-while the source runs) raises `TensorFlowInWorkerError`, instead of giving empty data.
+subclassing and decorating always; iteration, ``len``, truth, ``with``, ``==``, ``!=`` and ``str()`` only
+while the script is being imported. Anything that would need a real value (converting to an array,
+arithmetic, or any use of those while the source runs) raises `TensorFlowInWorkerError`, instead of
+giving empty or wrong data.
 """
 
 from __future__ import annotations
@@ -77,6 +78,20 @@ class _Refusals:
 
     def __getitem__(self, key: Any) -> Any:
         return _StandInValue(f"{_name(self)}[]")
+
+    def __eq__(self, other: object) -> bool:
+        _lenient_or_refuse(self, "comparing (==)")
+        return self is other
+
+    def __ne__(self, other: object) -> bool:
+        _lenient_or_refuse(self, "comparing (!=)")
+        return self is not other
+
+    __hash__ = object.__hash__  # by identity, as before: stand-ins stay usable as keys and in sets
+
+    def __str__(self) -> str:  # f-strings and format() come here too
+        _lenient_or_refuse(self, "str() of")
+        return repr(self)
 
     def __array__(self, *args: Any, **kwargs: Any) -> Any:
         raise _refuse(_name(self), "converting to an array")

@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from . import protocol, shard
 from .conform import conform_items
-from .layout import Encoder, flatten
+from .layout import BadElement, Encoder, flatten
 from .ring import Ring
 from .shard import Shard, shard_seed
 
@@ -218,6 +218,18 @@ def task_items(source: Any, seed: int, epoch: int, indices: Iterable[int], first
     return items
 
 
+def refused_element(
+    error: BaseException, first: int, indices: Sequence[int] | None, batch_size: int | None
+) -> tuple[int, int | None]:
+    """``(element, position)`` of the element the encoder refused in a record: the shard's element for a
+    generator (``first`` is the record's first); for a random-access task (``first`` is its number), the
+    source's index and its place in the epoch's order."""
+    item = error.item if isinstance(error, BadElement) else 0
+    if indices is None:
+        return first + item, None
+    return int(indices[item]), first * (batch_size or 1) + item
+
+
 class _Worker:
     def __init__(
         self, connection: Connection, source: Any, args: tuple, kwargs: dict, setup: protocol.WorkerSetup
@@ -310,18 +322,22 @@ class _Worker:
                 items = task_items(self.source, self.seed, epoch, indices, seq * (self.batch_size or 1))
             except SourceFailed as failed:
                 raise self._fail("source", failed.error, failed.element, epoch, failed.position) from None
-            self._emit(items, seq, seq, batched)
+            self._emit(items, seq, seq, batched, indices)
 
-    def _emit(self, items: list, key: int, first: int, batched: bool) -> None:
+    def _emit(
+        self, items: list, key: int, first: int, batched: bool, indices: tuple[int, ...] | None = None
+    ) -> None:
         """Send one record of ``items``: ``key`` identifies it to the consumer (see `mpfeed.protocol`),
-        ``first`` is its first element's number (for errors)."""
+        ``first`` is its first element's number, or, for a random-access task, the task's number with its
+        source ``indices`` (for errors)."""
         run = self.run_number
         try:
             if self.dtypes is not None:
                 items = conform_items(items, self.dtypes)
             record = self.encoder.prepare(items, first, batched)
         except (TypeError, ValueError) as error:
-            raise self._fail("element", error, first, self.epoch) from None
+            element, position = refused_element(error, first, indices, self.batch_size)
+            raise self._fail("element", error, element, self.epoch, position) from None
         if self.ring is None:  # the first record: the consumer sizes our ring from it
             self._send_inline(record, run, key, protocol.NO_SLOT)
             self._wait_until(lambda: self.ring is not None, blocked=True)

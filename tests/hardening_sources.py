@@ -39,6 +39,14 @@ def uses_tensorflow(how, shard):
         yield 2.0 * zeros
     elif how == "numpy_ufunc":
         yield np.add(zeros, 1)
+    elif how == "eq":
+        yield zeros == 0
+    elif how == "ne":
+        yield tf.constant(1) != 1
+    elif how == "str":
+        yield str(zeros)
+    elif how == "format":
+        yield f"{zeros}"
 
 
 def outlives_the_error(how, ready_path, shard):

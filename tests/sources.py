@@ -7,6 +7,7 @@ import random
 import signal
 import sys
 import time
+from collections import OrderedDict, namedtuple
 
 import numpy as np
 
@@ -330,4 +331,93 @@ class LogsWhatItMakes:
         time.sleep(self.seconds)
         with open(self.path, "a") as log:
             log.write(f"{index}\n")
+        return np.full(4, index, dtype=np.int64), index
+
+
+class BadAt:
+    """A random-access source whose element ``at`` has a leaf mpfeed cannot carry (an ``object()``)."""
+
+    def __init__(self, n, at):
+        self.n, self.at = n, at
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        return (object() if index == self.at else np.full(2, index)), index
+
+
+Pair = namedtuple("Pair", "positive negative")
+Labelled = namedtuple("Labelled", "data label")
+
+
+def named_pairs(n, shard):
+    """Element i is Labelled(Pair(array of i, -i), i): namedtuples nested in a namedtuple."""
+    for i in range(shard.index, n, shard.count):
+        yield Labelled(Pair(np.full(3, i), -i), i)
+
+
+class NamedPairs:
+    """Random access: element i is Labelled(Pair(array of i, -i), i)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        return Labelled(Pair(np.full(3, index), -index), index)
+
+
+class Tagged(dict):
+    """A dict subclass, which mpfeed cannot rebuild."""
+
+
+class Items(list):
+    """A list subclass, which mpfeed cannot rebuild."""
+
+
+def yields_nest(kind, shard):
+    """Elements whose nest is of type ``kind``: "dict_subclass", "list_subclass", "ordered_dict" or
+    "local_namedtuple" (a namedtuple defined in this function, so not importable by name)."""
+    local = namedtuple("Local", "x y")
+    for i in range(4):
+        if kind == "dict_subclass":
+            yield Tagged(x=np.full(2, i), y=i)
+        elif kind == "list_subclass":
+            yield Items([np.full(2, i), i])
+        elif kind == "ordered_dict":
+            yield {"outer": OrderedDict(x=np.full(2, i), y=i)}
+        else:
+            yield local(np.full(2, i), i)
+
+
+def keys_in_turns(n, shard):
+    """Dicts with the same keys, their insertion order changing from one element to the next."""
+    for i in range(shard.index, n, shard.count):
+        if i % 2:
+            yield {"image": np.full(2, i), "label": i, "meta": {"a": i, "b": float(i)}}
+        else:
+            yield {"label": i, "meta": {"b": float(i), "a": i}, "image": np.full(2, i)}
+
+
+def masked(shard):
+    """One masked array: its second entry is masked."""
+    yield np.ma.masked_array([1.0, 2.0, 3.0], mask=[False, True, False])
+
+
+class Spins:
+    """A random-access source whose every element keeps a core busy for ``seconds`` (CPU-bound)."""
+
+    def __init__(self, n, seconds):
+        self.n, self.seconds = n, seconds
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        end = time.thread_time() + self.seconds
+        while time.thread_time() < end:
+            pass
         return np.full(4, index, dtype=np.int64), index

@@ -514,3 +514,93 @@ def test_a_fault_in_mpfeeds_own_worker_code_is_not_blamed_on_the_source(start_me
     error = caught.value
     assert not isinstance(error, mpfeed.SourceError)
     assert "failed in mpfeed's own worker code, not in your source: FileNotFoundError" in str(error)
+
+
+@pytest.mark.parametrize(
+    "source, args", [(sources.raise_at, (20, 7)), (sources.faulty, (40, "mid", "sigkill"))]
+)
+def test_an_iterator_that_raised_raises_the_same_error_again_instead_of_ending(source, args):
+    """A loop that catches errors per step must not see a short epoch as complete: every later next()
+    on the same iterator raises the same error (a generator would end with StopIteration)."""
+    with mpfeed.Feeder(source, args=args, workers=2) as feeder:
+        iterator = iter(feeder)
+        with pytest.raises(mpfeed.WorkerError) as caught:
+            for _ in iterator:
+                pass
+        for _ in range(3):
+            with pytest.raises(type(caught.value)) as again:
+                next(iterator)
+            assert again.value is caught.value
+
+
+def test_a_dataset_iterator_that_raised_keeps_raising_instead_of_ending():
+    tf = pytest.importorskip("tensorflow")
+    spec = (tf.TensorSpec((4,), tf.int64), tf.TensorSpec((), tf.int64))
+    for chunk_size in (1, 4):
+        with mpfeed.Feeder(sources.raise_at, args=(20, 7), workers=2) as feeder:
+            iterator = iter(feeder.dataset(spec, chunk_size=chunk_size))
+            with pytest.raises(tf.errors.OpError, match="bad record 7"):
+                for _ in iterator:
+                    pass
+            for _ in range(2):
+                with pytest.raises(tf.errors.OpError, match="bad record 7"):
+                    next(iterator)
+
+
+def _positions(n, seed, shuffle):
+    """The epoch-0 order of an ``n``-element random-access source, as the feeder draws it."""
+    from mpfeed.dispatch import EpochOrder
+
+    return [int(i) for i in EpochOrder(n, seed, shuffle, (0, 1), None, False).positions(0)]
+
+
+def _consume_any_order(feeder):
+    with pytest.raises(mpfeed.WorkerError) as caught:
+        for _ in feeder:
+            pass
+    return caught.value
+
+
+@pytest.mark.parametrize("how", ["exit0", "sigkill"])
+@pytest.mark.parametrize("shuffle, batch_size", [(False, None), (True, None), (True, 4)])
+def test_a_dead_worker_of_a_random_access_source_is_named_at_the_source_index_it_was_making(
+    how, shuffle, batch_size
+):
+    """``os._exit`` or SIGKILL in ``source[50]``: the error says source[50], not the worker's count."""
+    with mpfeed.Feeder(
+        sources.Faulty(60, 50, how), workers=2, depth=3, shuffle=shuffle, seed=7, batch_size=batch_size
+    ) as feeder:
+        error = _consume_any_order(feeder)
+    assert isinstance(error, mpfeed.WorkerDiedError), error
+    position = _positions(60, 7, shuffle).index(50)
+    message = str(error)
+    if batch_size is None:
+        assert error.element == 50
+        assert f"while producing source[50] (position {position} of epoch 0)" in message, message
+    else:
+        first = position - position % batch_size
+        assert error.element is None
+        assert "while producing one of the batch" in message and "source[50]" in message, message
+        assert f"(positions {first} to {first + batch_size - 1} of epoch 0)" in message, message
+
+
+@pytest.mark.parametrize("shuffle, batch_size", [(False, None), (True, None), (True, 4), (False, 5)])
+def test_a_bad_element_of_a_random_access_source_is_named_by_its_index_and_position(shuffle, batch_size):
+    """The element at source[13] is bad: the error names source[13] and its place in the order, not the
+    task (a batch's number, or a position) nor "position None"."""
+    with mpfeed.Feeder(
+        sources.BadAt(40, 13), workers=2, shuffle=shuffle, seed=3, batch_size=batch_size
+    ) as feeder:
+        error = _consume_any_order(feeder)
+    assert isinstance(error, mpfeed.ElementError), error
+    position = _positions(40, 3, shuffle).index(13)
+    assert error.element == 13
+    assert f"source[13] (position {position} of epoch 0)" in str(error), str(error)
+    assert "element[0] is a builtins.object" in str(error)
+
+
+def test_a_bad_element_in_a_generator_batch_is_named_by_its_own_number():
+    with mpfeed.Feeder(sources.yields_leaf, args=(object(),), workers=1, batch_size=2) as feeder:
+        error = _consume_any_order(feeder)
+    assert isinstance(error, mpfeed.ElementError) and error.element == 1, error
+    assert "element 1 of its shard" in str(error)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 
 import numpy as np
 import psutil
@@ -290,7 +293,7 @@ def _shards(count):
 def _assert_same(want, have):
     assert type(want) is type(have), (want, have)
     if isinstance(want, dict):
-        assert list(want) == list(have)
+        assert list(have) == sorted(want), "keys come back sorted, as tf.nest orders them"
         for key in want:
             _assert_same(want[key], have[key])
     elif isinstance(want, (list, tuple)):
@@ -317,3 +320,58 @@ def test_rings_stay_within_the_budget_and_a_budget_too_small_for_a_slot_is_refus
     with pytest.raises(mpfeed.ShmSpaceError, match="shm_budget of 1,000 bytes"):
         mpfeed.Feeder(sources.pairs, args=(3,), workers=2, slot_bytes=4096, shm_budget=1000)
     assert not psutil.Process().children()
+
+
+def test_drop_remainder_without_batch_size_is_refused_instead_of_ignored():
+    with pytest.raises(ValueError, match="drop_remainder=True .* needs batch_size"):
+        mpfeed.Feeder(sources.numbered, args=(10,), workers=1, drop_remainder=True)
+
+
+def test_a_random_access_class_instead_of_an_instance_is_told_to_pass_an_instance():
+    with pytest.raises(
+        TypeError, match=r"source is the class Numbers, not an instance of it: pass Numbers\(\.\.\.\)"
+    ):
+        mpfeed.Feeder(sources.Numbers, workers=1)
+
+
+def test_help_of_feeder_types_source_as_random_access_or_a_generator_function():
+    annotation = mpfeed.Feeder.__init__.__annotations__["source"]
+    assert "RandomAccessSource" in annotation and "Callable" in annotation
+
+
+def test_an_empty_source_points_at_the_likely_cause_before_output_signature():
+    pytest.importorskip("tensorflow")
+    with mpfeed.Feeder(sources.numbered, args=(0,), workers=1) as feeder:
+        with pytest.raises(ValueError) as caught:
+            feeder.dataset()
+    message = str(caught.value)
+    assert "an empty glob" in message
+    assert message.index("an empty glob") < message.index("output_signature")
+
+
+def test_the_pickling_error_names_no_start_method_the_fork_server_does_not_use():
+    with pytest.raises(TypeError, match="must be picklable") as caught:
+        mpfeed.Feeder(sources.numbered, args=(10,), kwargs={"shape": lambda: None}, workers=1)
+    assert "in spawned worker processes" not in str(caught.value)
+
+
+def test_feeder_stats_prints_a_field_per_line():
+    with mpfeed.Feeder(sources.numbered, args=(10,), workers=2) as feeder:
+        list(feeder)
+        text = str(feeder.stats())
+    lines = text.splitlines()
+    assert lines[0] == "FeederStats(" and lines[-1] == ")"
+    assert any(line.startswith("  items=10") for line in lines)
+    assert max(len(line) for line in lines) < 400, "one worker per line at most"
+
+
+def test_mpfeed_tf_is_an_attribute_after_a_plain_import_mpfeed_without_loading_tensorflow_at_import():
+    code = (
+        "import sys, mpfeed; assert 'tensorflow' not in sys.modules; "
+        "assert not hasattr(mpfeed, 'no_such_module'); "
+        "print(mpfeed.tf.FeederState.__name__, 'tensorflow' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["FeederState", "True"]

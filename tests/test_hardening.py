@@ -535,7 +535,9 @@ class _keras_warnings_ignored:
 # -- TensorFlow inside a source ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["asarray", "len", "bool", "iter", "add", "multiply", "numpy_ufunc"])
+@pytest.mark.parametrize(
+    "how", ["asarray", "len", "bool", "iter", "add", "multiply", "numpy_ufunc", "eq", "ne", "str", "format"]
+)
 def test_tensorflow_used_inside_a_source_fails_loudly(how):
     """Workers get an inert stand-in for TensorFlow. Old code: ``np.asarray(tf.zeros(3))`` was an empty
     float64 array, ``len`` 0, ``bool`` False and iteration empty, all silently; arithmetic failed
@@ -924,3 +926,92 @@ def test_docker_s_64_mib_dev_shm_runs_with_rings_in_memfd():
     assert results["epochs"] == [True, True] and results["bad"] == []
     assert results["ring_memory"] == "memfd"
     assert results["dev_shm_while_running"] == [] and results["dev_shm_after"] == []
+
+
+_FORKS_A_CHILD = """
+    import os, sys, sources, mpfeed
+    feeder = mpfeed.Feeder(sources.slow, args=(400, 0.002), workers=2, start_method=START_METHOD)
+    iterator = iter(feeder)
+    taken = [next(iterator)[1] for _ in range(10)]
+    pid = os.fork()
+    if pid == 0:
+        if CLOSE_IN_CHILD:
+            feeder.close()
+        sys.exit(0)  # a normal exit: the child's finalizers run
+    assert os.waitpid(pid, 0)[1] == 0
+    taken += [element[1] for element in iterator]
+    assert taken == list(range(400)), taken[:20]
+    feeder.close()
+    print("whole")
+"""
+
+
+@pytest.mark.parametrize("close_in_child", [False, True])
+def test_a_forked_child_exiting_does_not_stop_the_parents_feeder(close_in_child, start_method):
+    """Only the process that made a feeder may close it: a child forked from it that exits (or even
+    calls close()) leaves the parent's workers running."""
+    code = textwrap.dedent(_FORKS_A_CHILD).replace("START_METHOD", repr(start_method))
+    code = code.replace("CLOSE_IN_CHILD", repr(close_in_child))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["whole"], done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("workers", [500])
+def test_hundreds_of_workers_start_under_the_fork_server_instead_of_timing_out(workers):
+    """Every fork request was once sent before any answer was read: past about 300 workers the pipes
+    filled both ways and the send deadline fired ("did not answer within 30 s")."""
+    started = time.monotonic()
+    with mpfeed.Feeder(sources.Numbers(20), workers=workers, depth=1, start_method="forkserver") as feeder:
+        assert feeder.workers == workers
+        assert sorted(element["i"] for element in feeder) == list(range(20))
+    assert time.monotonic() - started < 300  # generous: a hang bound, not a timing
+
+
+_PAST_A_LIMIT = """
+    import os, resource, sys, time, psutil, sources, mpfeed
+    limit = THE_LIMIT
+    if limit == "RLIMIT_NOFILE":
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    else:
+        hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+        mine = [p.info["num_threads"] for p in psutil.process_iter(["uids", "num_threads"])
+                if p.info["uids"] and p.info["uids"].real == os.getuid()]
+        resource.setrlimit(resource.RLIMIT_NPROC, (sum(mine) + 40, hard))
+    started = time.monotonic()
+    try:
+        mpfeed.Feeder(sources.Numbers(10), workers=200, start_method=START_METHOD)
+    except OSError as error:
+        print(type(error).__name__, time.monotonic() - started)
+        print(error)
+    else:
+        print("started")
+"""
+
+
+@pytest.mark.parametrize("limit", ["RLIMIT_NOFILE", "RLIMIT_NPROC"])
+def test_workers_past_a_process_limit_are_refused_at_once_naming_it(limit, start_method):
+    if limit == "RLIMIT_NPROC" and os.geteuid() == 0:
+        pytest.skip("root is not held to RLIMIT_NPROC")
+    code = textwrap.dedent(_PAST_A_LIMIT).replace("START_METHOD", repr(start_method))
+    code = code.replace("THE_LIMIT", repr(limit))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kind, _, message = done.stdout.partition("\n")
+    assert kind.split()[0] == "OSError", done.stdout + done.stderr[-3000:]
+    assert f"({limit}, `ulimit" in message and "200 worker" in message, message
+
+
+def test_a_generator_source_with_many_more_workers_than_cores_is_warned_about():
+    cores = len(os.sched_getaffinity(0))
+    with pytest.warns(
+        RuntimeWarning, match=rf"workers={4 * cores + 1} for a generator source on {cores} usable"
+    ):
+        feeder = mpfeed.Feeder(sources.numbered, args=(4,), workers=4 * cores + 1, start_method="forkserver")
+    with feeder:
+        assert len(list(feeder)) == 4
+    with mpfeed.Feeder(
+        sources.numbered, args=(4,), workers=4 * cores
+    ) as feeder:  # no warning: it is an error
+        assert len(list(feeder)) == 4

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import sources
 
+import mpfeed
 from mpfeed.layout import Decoder, Encoder, align, flatten, leaf_paths
 
 
@@ -143,3 +145,65 @@ def test_paths_and_alignment_helpers():
         "element['b']",
     ]
     assert [align(n) for n in (0, 1, 64, 65)] == [0, 64, 64, 128]
+
+
+# -- through real workers ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [None, 3])
+@pytest.mark.parametrize("random_access", [False, True])
+def test_namedtuples_come_back_as_namedtuples_batched_or_not(random_access, batch_size):
+    """PyTorch's TestNamedTupleDataLoader: ``batch.data.positive`` must work, nested or not."""
+    source = sources.NamedPairs(7) if random_access else sources.named_pairs
+    args = () if random_access else (7,)
+    with mpfeed.Feeder(source, args=args, workers=2, batch_size=batch_size) as feeder:
+        elements = list(feeder)
+    for element in elements:
+        assert type(element) is sources.Labelled and type(element.data) is sources.Pair
+        assert np.all(element.data.negative == -np.asarray(element.label))
+        assert np.all(element.data.positive.T == element.label)
+
+
+def test_namedtuples_come_back_as_namedtuples_through_dataset():
+    pytest.importorskip("tensorflow")
+    with mpfeed.Feeder(sources.named_pairs, args=(6,), workers=2) as feeder:
+        elements = list(feeder.dataset())
+    assert [int(e.label) for e in elements] == list(range(6))
+    assert all(type(e) is sources.Labelled and type(e.data) is sources.Pair for e in elements)
+
+
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("dict_subclass", r"element is a sources.Tagged, a subclass of dict, list or tuple"),
+        ("list_subclass", r"element is a sources.Items, a subclass of dict, list or tuple"),
+        ("ordered_dict", r"element\['outer'\] is a collections.OrderedDict, a subclass of dict"),
+        (
+            "local_namedtuple",
+            r"element is a namedtuple sources.Local, which mpfeed rebuilds by importing it by name",
+        ),
+    ],
+)
+def test_a_nest_that_cannot_be_rebuilt_is_refused_at_the_first_element(kind, words):
+    with mpfeed.Feeder(sources.yields_nest, args=(kind,), workers=1) as feeder:
+        with pytest.raises(mpfeed.ElementError, match=words) as caught:
+            list(feeder)
+    assert caught.value.element == 0
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_dicts_with_the_same_keys_in_another_order_are_the_same_structure(batch_size):
+    """tf.nest sorts dict keys; so do we: key order is not structure."""
+    with mpfeed.Feeder(sources.keys_in_turns, args=(9,), workers=2, batch_size=batch_size) as feeder:
+        elements = list(feeder)
+    labels = np.concatenate([np.atleast_1d(e["label"]) for e in elements])
+    assert sorted(labels.tolist()) == list(range(9))
+    for element in elements:
+        assert list(element) == ["image", "label", "meta"] and list(element["meta"]) == ["a", "b"]
+        assert np.all(element["meta"]["a"] == element["label"])
+
+
+def test_a_masked_array_is_refused_instead_of_losing_its_mask():
+    with mpfeed.Feeder(sources.masked, workers=1) as feeder:
+        with pytest.raises(mpfeed.ElementError, match="element is a numpy masked array.*without its mask"):
+            list(feeder)

@@ -192,7 +192,7 @@ def test_resume_through_a_prefetching_dataset_at_what_the_model_consumed(prefetc
     ],
 )
 def test_a_state_from_another_configuration_is_refused_naming_what_differs(other, named):
-    base = {"seed": 4, "shuffle": True, "batch_size": None, "drop_remainder": False, "partition": None}
+    base = {"seed": 4, "shuffle": True, "batch_size": 4, "drop_remainder": False, "partition": None}
     with mpfeed.Feeder(sources.Numbers(40), workers=1, **base) as feeder:
         state = feeder.state_dict()
     options = {**base, **{k: v for k, v in other.items() if k not in ("length", "source")}}

@@ -286,6 +286,27 @@ def test_a_random_access_source_that_raises_names_the_index_and_position(cluster
             list(feeder)
 
 
+def test_a_bad_element_of_a_shuffled_batched_source_on_ray_is_named_by_its_index_and_position(cluster):
+    from mpfeed.dispatch import EpochOrder
+
+    position = [int(i) for i in EpochOrder(40, 3, True, (0, 1), None, False).positions(0)].index(13)
+    feeder = mpfeed.Feeder(
+        sources.BadAt(40, 13), workers=2, shuffle=True, seed=3, batch_size=4, backend=_on_ray()
+    )
+    with feeder, pytest.raises(mpfeed.ElementError) as caught:
+        list(feeder)
+    assert caught.value.element == 13
+    assert f"source[13] (position {position} of epoch 0)" in str(caught.value), str(caught.value)
+
+
+def test_an_actor_dying_in_a_random_access_source_is_named_at_the_source_index(cluster):
+    with mpfeed.Feeder(sources.Faulty(12, 7, "exit0"), workers=2, backend=_on_ray()) as feeder:
+        with pytest.raises(mpfeed.WorkerDiedError) as caught:
+            list(feeder)
+    assert caught.value.element == 7
+    assert "while producing source[7] (position 7 of epoch 0)" in str(caught.value), str(caught.value)
+
+
 def test_tensorflow_inside_a_source_fails_loudly_on_ray_too(cluster):
     import hardening_sources
 
