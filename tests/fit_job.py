@@ -51,6 +51,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--steps-per-execution", type=int, default=1)
     parser.add_argument("--save-freq", default="5")
     parser.add_argument("--validation", action="store_true", help="validation data from a second feeder")
+    parser.add_argument("--validate-on-training-data", action="store_true", help="the same dataset")
+    parser.add_argument("--sync", action="store_true", help="mpfeed.keras.EpochSync (with --way plain)")
     parser.add_argument("--strategy", choices=["none", "mirrored"], default="none")
     parser.add_argument("--ordered", type=int, default=1)
     parser.add_argument("--start", default=None, help="E:N: load the position after N records of epoch E")
@@ -200,6 +202,10 @@ def main() -> None:
             mpfeed.keras.EpochSync(feeder),
             keras.callbacks.ModelCheckpoint(path, save_weights_only=True),
         ]
+    if args.sync:
+        callbacks.append(mpfeed.keras.EpochSync(feeder))
+    if args.validate_on_training_data:
+        validation_data = data
     callbacks.append(Kill())
     model.fit(
         data,

@@ -185,6 +185,16 @@ def test_a_position_loaded_before_fit_survives_the_peek_of_a_strategy(tmp_path):
     assert _steps(tmp_path / "resumed.log", 2) == whole[38 + 96 // BATCH :]
 
 
+def test_validation_on_the_training_data_shifts_no_epoch(tmp_path):
+    """Validating on the training feeder's own dataset opens a pass of its own after each epoch; with
+    EpochSync the epochs trained on are those of a run without validation."""
+    args = ["--way", "plain", "--sync"]
+    whole, _, _ = _uninterrupted(tmp_path, args)
+    result = _run(tmp_path, "validated", *args, "--validate-on-training-data")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert _steps(tmp_path / "validated.log", 1) == whole
+
+
 def test_keras_on_jax_trains_from_a_py_dataset_without_tensorflow_and_resumes_exactly(tmp_path):
     args = ["--save-freq", "4"]
     whole, expected_weights, result = _uninterrupted(tmp_path, args, backend="jax")
