@@ -34,8 +34,9 @@ class ShmSpaceError(MpfeedError, OSError):
 class WorkerError(MpfeedError, RuntimeError):
     """A worker process failed; the message names the worker, its pid, the element and the cause.
 
-    Attributes: ``worker`` (shard index; None for the fork server), ``pid``, ``element`` (index of the
-    element within the worker's shard that it was producing, or None), ``epoch``,
+    Attributes: ``worker`` (shard index; None for the fork server), ``pid``, ``element`` (the element it
+    was producing: for a generator source, its index within the worker's shard; for a random-access one,
+    the ``i`` of ``source[i]``; None when not known, e.g. which of a batch), ``epoch``,
     ``remote_traceback`` (text, or None), and ``node`` (the Ray node a remote worker ran on; None for
     local processes).
     """
