@@ -53,6 +53,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--validation", action="store_true", help="validation data from a second feeder")
     parser.add_argument("--validate-on-training-data", action="store_true", help="the same dataset")
     parser.add_argument("--sync", action="store_true", help="mpfeed.keras.EpochSync (with --way plain)")
+    parser.add_argument("--split-fit", action="store_true", help="one fit() for epoch 0, one for the rest")
     parser.add_argument("--strategy", choices=["none", "mirrored"], default="none")
     parser.add_argument("--ordered", type=int, default=1)
     parser.add_argument("--start", default=None, help="E:N: load the position after N records of epoch E")
@@ -207,15 +208,19 @@ def main() -> None:
     if args.validate_on_training_data:
         validation_data = data
     callbacks.append(Kill())
-    model.fit(
-        data,
-        epochs=args.epochs,
-        steps_per_epoch=args.steps_per_epoch,
-        initial_epoch=initial_epoch,
-        validation_data=validation_data,
-        callbacks=callbacks,
-        verbose=0,
-    )
+    fits = [(initial_epoch, args.epochs)]
+    if args.split_fit:
+        fits = [(initial_epoch, initial_epoch + 1), (initial_epoch + 1, args.epochs)]
+    for first, end in fits:
+        model.fit(
+            data,
+            epochs=end,
+            steps_per_epoch=args.steps_per_epoch,
+            initial_epoch=first,
+            validation_data=validation_data,
+            callbacks=callbacks,
+            verbose=0,
+        )
     log.close()
     if args.weights:
         np.savez(args.weights, *[np.asarray(w) for w in model.get_weights()])
