@@ -54,6 +54,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--validate-on-training-data", action="store_true", help="the same dataset")
     parser.add_argument("--sync", action="store_true", help="mpfeed.keras.EpochSync (with --way plain)")
     parser.add_argument("--split-fit", action="store_true", help="one fit() for epoch 0, one for the rest")
+    parser.add_argument("--delete-checkpoint", action="store_true", help="at the end of each fit()")
     parser.add_argument("--strategy", choices=["none", "mirrored"], default="none")
     parser.add_argument("--ordered", type=int, default=1)
     parser.add_argument("--start", default=None, help="E:N: load the position after N records of epoch E")
@@ -177,7 +178,9 @@ def main() -> None:
         feeder.load_state_dict(feeder.state_dict(consumed=consumed, epoch=epoch))
     save_freq = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
     if args.way == "backup":
-        backup = mpfeed.keras.BackupAndRestore(feeder, args.dir, save_freq=save_freq, delete_checkpoint=False)
+        backup = mpfeed.keras.BackupAndRestore(
+            feeder, args.dir, save_freq=save_freq, delete_checkpoint=args.delete_checkpoint
+        )
         callbacks.append(backup)
         if args.kill_in_save is not None:
             saves = [0]
