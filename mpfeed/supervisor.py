@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import launcher, protocol
+from .cache import Cache
 from .channel import Channel
 from .errors import ElementError, ShmSpaceError, SourceError, WorkerDiedError, WorkerError, describe_exit
 from .process import Process
@@ -74,6 +75,7 @@ class WorkerConfig:
     partition: tuple[int, int] = (0, 1)
     shm_budget: int | None = None  # bytes of ring memory for the whole feeder (None: no limit)
     max_workers: int | None = None  # the most workers it may have (autotuning): the budget is shared so
+    cache_bytes: int | None = None  # random access: the size of the workers' shared cache of loaded samples
 
 
 @dataclass(eq=False)
@@ -117,6 +119,7 @@ class WorkerHandle:
 
 class Supervisor:
     remote = False  # local workers are waited for through their pipes (`watched`), remote ones by `wait`
+    cache: Cache | None = None  # the workers' shared cache of loaded samples (see `mpfeed.cache`)
 
     def __init__(self, source: Any, args: tuple, kwargs: dict, config: WorkerConfig) -> None:
         self.config = config
@@ -138,6 +141,9 @@ class Supervisor:
         try:
             if config.slot_bytes is not None:
                 self._check_space(config.slot_bytes)
+            if config.cache_bytes is not None:
+                slots = config.max_workers or config.workers
+                self.cache = Cache.create(config.cache_bytes, len(source), slots)
             if config.start_method == "forkserver":
                 self.server = launcher.ForkServer(self._work, self._main_spec)
             self.add_workers(config.workers)
@@ -167,6 +173,7 @@ class Supervisor:
                     parent_pid=os.getpid(),
                     consumer_pid=os.getpid(),
                     indexed=config.indexed,
+                    cache=None if self.cache is None else self.cache.spec(first + offset),
                 )
                 for offset, ring in enumerate(rings)
             ]
@@ -479,6 +486,8 @@ class Supervisor:
                 handle.ring.close()
         if self.server is not None:
             self.server.close()
+        if self.cache is not None:
+            self.cache.close()
         remove_names(self.owner)
         self.closed = True
 
