@@ -131,11 +131,12 @@ class Cache:
 
     @classmethod
     def create(cls, budget: int, length: int, slots: int) -> Cache:
-        """A new, empty cache of exactly ``budget`` bytes for a source of ``length`` elements and up to
-        ``slots`` workers (supervisor side). Refuses, with `ShmSpaceError`, a budget that the memory
-        available (system-wide and under every cgroup limit) could not hold once filled."""
+        """A new, empty cache of ``budget`` bytes (rounded down to whole pages) for a source of ``length``
+        elements and up to ``slots`` workers (supervisor side). Refuses, with `ShmSpaceError`, a budget
+        that the memory available (system-wide and under every cgroup limit) could not hold once filled."""
         if not memfd_supported():
             raise OSError(errno.ENOSYS, "cache_bytes needs Linux's memfd_create (Linux 3.17 or later)")
+        budget -= budget % mmap.PAGESIZE  # whole pages, so that even resident memory stays within it
         data_start = overhead_bytes(length, slots)
         if budget < data_start + ALIGN:
             raise ValueError(

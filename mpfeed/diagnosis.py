@@ -139,8 +139,8 @@ def verdict(picture: Picture) -> list[str]:
 
 
 def cache_verdict(cache: CacheSummary, served: int) -> list[str]:
-    """What the cache of loaded samples saves, and, when it is too small for the ``served`` elements of an
-    epoch, about how many more bytes would hold them all."""
+    """What the cache of loaded samples saves, and, when it is too small for the ``served`` elements it is
+    asked for over epochs, about how many more bytes would hold them all."""
     loads = cache.hits + cache.misses
     if not loads:
         return [f"the cache ({_mib(cache.budget)}) has served nothing yet"]
@@ -151,7 +151,7 @@ def cache_verdict(cache: CacheSummary, served: int) -> list[str]:
         f"({per_load * 1e3:.2f} ms per load)"
     ]
     held = (
-        f"{cache.entries:,} of the {served:,} samples an epoch serves "
+        f"{cache.entries:,} of the {served:,} samples it serves "
         f"({_mib(cache.used)} of its {_mib(cache.budget)})"
     )
     if not cache.refused:

@@ -445,7 +445,10 @@ class Feeder:
         cache = self._consumer.supervisor.cache
         if cache is not None:
             part, parts = self._consumer.supervisor.config.partition
-            lines += cache_verdict(cache.summary(), len(range(part, cache.length, parts)))
+            # Shuffled, each epoch's permutation is cut into parts anew: over epochs a part meets them all.
+            shuffled = self._consumer.config["shuffle"]
+            wanted = cache.length if shuffled else len(range(part, cache.length, parts))
+            lines += cache_verdict(cache.summary(), wanted)
         return "\n".join(lines)
 
     def close(self) -> None:
