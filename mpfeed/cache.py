@@ -126,6 +126,7 @@ class Cache:
         self._seen = np.zeros(self.length, dtype=bool)  # entries this process has seen READY
         self._encoder = Encoder()
         self._decoder = Decoder()
+        self._final = CacheSummary(self.size, 0, 0, 0, 0, 0, 0, 0, 0.0, self.length)  # once closed
 
     # -- making and opening ---------------------------------------------------------------------------
 
@@ -198,8 +199,10 @@ class Cache:
             raise
 
     def close(self) -> None:
-        """Close the fd and unmap (unless views still hold the mapping: the last one unmaps it).
-        Idempotent; the memory is freed once no process maps it."""
+        """Close the fd and unmap (unless views still hold the mapping: the last one unmaps it), keeping
+        the last `summary`. Idempotent; the memory is freed once no process maps it."""
+        if self._index is not None:
+            self._final = self.summary()
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -307,7 +310,7 @@ class Cache:
     def summary(self) -> CacheSummary:
         """The cache's figures now (a snapshot: workers may be writing)."""
         if self._index is None:
-            return CacheSummary(self.size, 0, 0, 0, 0, 0, 0, 0, 0.0, self.length)
+            return self._final
         states, sizes = self._index[:, 0], self._index[:, 2]
         ready, refused = states == READY, states == REFUSED
         counters = self._counters.sum(axis=0)

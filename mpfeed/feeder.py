@@ -143,8 +143,11 @@ class Feeder:
 
     ``source`` is either random access, an object with ``__len__`` and ``__getitem__(index)`` (a PyTorch
     map dataset, Grain's RandomAccessDataSource, a list), whose workers make ``source[i]`` for the indices
-    the feeder hands them, in an order it owns; or a generator function, called in every worker as
-    ``source(*args, shard=Shard, **kwargs)``, where each worker takes its share
+    the feeder hands them, in an order it owns (a source with ``load(i)`` and ``augment(sample, rng)``
+    is served ``augment(load(i), rng)`` instead, ``rng`` drawn from ``(seed, epoch, i)`` as
+    `mpfeed.element_rng`, and can keep its loaded samples in a shared cache: ``cache_bytes``); or a
+    generator function, called in every worker as ``source(*args, shard=Shard, **kwargs)``, where each
+    worker takes its share
     (``items[shard.index::shard.count]``). Iterating the feeder gives one epoch; iterating again starts
     the next epoch on the same processes. A feeder serves one pass at a time: a new iteration supersedes
     an unfinished one.

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import cache_sources
 import numpy as np
@@ -256,10 +257,12 @@ def test_a_worker_started_later_maps_the_cache_and_loads_nothing_again(tmp_path)
     with mpfeed.Feeder(source, workers="auto", max_workers=4, seed=SEED, cache_bytes=4 << 20) as feeder:
         served(feeder, 1)
         feeder._supervisor.add_workers(1)
-        want = expected(2)[1]
-        assert served(feeder, 1)[0] == want
-        pids = [w.pid for w in feeder.stats().workers]
-        assert all(cache_pss([pid]) > 0 or _maps_cache(pid) for pid in pids)
+        later = feeder.stats().workers[-1].pid
+        deadline = time.monotonic() + HANG_BOUND_S
+        while not _maps_cache(later):  # it maps the cache as it starts, before it takes any task
+            assert time.monotonic() < deadline, "the later worker never mapped the cache"
+            time.sleep(0.05)
+        assert served(feeder, 2) == expected(3)[1:]
     assert len(log.read_text().split("\n")[:-1]) == N
 
 
@@ -323,3 +326,10 @@ def _numbers(n, shard):
 def test_a_cache_that_cannot_work_is_refused_before_any_worker_starts(source, options, message):
     with pytest.raises((ValueError, mpfeed.ShmSpaceError), match=message):
         mpfeed.Feeder(source, workers=1, **options)
+
+
+def test_stats_keep_the_cache_figures_after_close():
+    with mpfeed.Feeder(cache_sources.Jpegs(JPEGS), workers=1, seed=SEED, cache_bytes=4 << 20) as feeder:
+        served(feeder, 2)
+    stats = feeder.stats()
+    assert (stats.cache_hits, stats.cache_misses, stats.cache_entries) == (N, N, N)
