@@ -9,7 +9,9 @@ loop that touches every element, for two epochs; a row's rate is one epoch's ele
 over the time from its first element to its end. Rows:
 
 - ``epoch 1, no cache`` and ``epoch 2, no cache``: what mpfeed did before the cache;
-- ``epoch 2, cache holds all``: ``cache_bytes`` the whole data set (index included);
+- ``epoch 2, cache holds all``: ``cache_bytes`` the whole data set (index included); beside it, the same
+  feeder's epoch 1 (which fills the cache: every sample written into fresh shared pages) and epoch 3
+  (every worker has by then read every page of the cache once);
 - ``epoch 2, cache holds half``: half the data set's records, beside the index;
 - ``tf.data cache(), epoch 2``: ``Dataset.range(n).map(decode).cache().map(augment)``, both maps the same
   numpy work through ``tf.numpy_function``, ``num_parallel_calls=AUTOTUNE``, its second pass;
@@ -55,7 +57,9 @@ UNCACHED, ALL, HALF, PEER, CEILING = "no cache", "cache holds all", "cache holds
 ROWS = {
     "epoch 1, no cache": (UNCACHED, 0),
     "epoch 2, no cache": (UNCACHED, 1),
+    "epoch 1, cache holds all": (ALL, 0),
     "epoch 2, cache holds all": (ALL, 1),
+    "epoch 3, cache holds all": (ALL, 2),
     "epoch 2, cache holds half": (HALF, 1),
     "tf.data cache(), epoch 2": (PEER, 1),
     "augment-only ceiling": (CEILING, 1),
@@ -158,7 +162,7 @@ def runs(n: int) -> dict[str, Any]:
     """What each kind of run builds, by name."""
     return {
         UNCACHED: lambda: feeder_run(DecodedImages(n), None),
-        ALL: lambda: feeder_run(DecodedImages(n), cache_size(n, 1.0)),
+        ALL: lambda: feeder_run(DecodedImages(n), cache_size(n, 1.0), epochs=3),
         HALF: lambda: feeder_run(DecodedImages(n), cache_size(n, 0.5)),
         PEER: lambda: peer_run(n),
         CEILING: lambda: feeder_run(HeldImages(n), None),
