@@ -93,3 +93,12 @@ def in_write(how: str, shape: tuple[int, ...] = (48, 64, 3)) -> dict:
     """A sample whose record write kills (``how="killed"``) or stalls (``"stalled"``) its writer."""
     kind = _KillsWhenWritten if how == "killed" else _SleepsWhenWritten
     return {"image": np.zeros(shape, dtype=np.uint8).view(kind), "label": 0, "name": "stalled"}
+
+
+class LoadsObjects(Jpegs):
+    """``load`` returns a sample with a leaf that mpfeed cannot carry (augment would turn it into one)."""
+
+    def load(self, index: int) -> dict:
+        sample = super().load(index)
+        sample["name"] = {index}
+        return sample

@@ -333,3 +333,23 @@ def test_stats_keep_the_cache_figures_after_close():
         served(feeder, 2)
     stats = feeder.stats()
     assert (stats.cache_hits, stats.cache_misses, stats.cache_entries) == (N, N, N)
+
+
+def test_a_sample_the_cache_cannot_hold_is_an_error_naming_load_and_the_element():
+    with mpfeed.Feeder(cache_sources.LoadsObjects(JPEGS), workers=1, cache_bytes=4 << 20) as feeder:
+        with pytest.raises(mpfeed.SourceError, match=r"load\(0\) returned a sample the cache cannot hold"):
+            next(iter(feeder))
+
+
+def test_a_cached_feeder_feeds_tf_data_the_same_epochs():
+    pytest.importorskip("tensorflow")
+    options = dict(workers=2, seed=SEED, shuffle=True, batch_size=4, cache_bytes=4 << 20)
+    with mpfeed.Feeder(cache_sources.Jpegs(JPEGS), **options) as feeder:
+        dataset = feeder.dataset()
+        for want in expected(2):
+            got = {}
+            for images, labels, names in dataset:
+                for image, label, name in zip(images.numpy(), labels.numpy(), names.numpy()):
+                    got[int(label)] = _plain((image, label, name.decode()))
+            assert got == want
+        assert feeder.stats().cache_hits == N
