@@ -126,6 +126,7 @@ class Cache:
         self._seen = np.zeros(self.length, dtype=bool)  # entries this process has seen READY
         self._encoder = Encoder()
         self._decoder = Decoder()
+        self._hits = self._misses = self._load_ns = 0  # a worker's own counters, copied to its slot
         self._final = CacheSummary(self.size, 0, 0, 0, 0, 0, 0, 0, 0.0, self.length)  # once closed
 
     # -- making and opening ---------------------------------------------------------------------------
@@ -218,11 +219,10 @@ class Cache:
     def get(self, index: int) -> Any | None:
         """The stored sample ``index`` as a nest of read-only views into the cache, or None."""
         if not self._seen[index]:
-            with self._locked():
-                state = int(self._index[index, 0])
-            if state != READY:
+            if self._index[index, 0] != READY:  # a miss needs no lock: put() looks again under it
                 return None
-            self._seen[index] = True
+            with self._locked():  # orders the record's bytes after the state word seen READY
+                self._seen[index] = self._index[index, 0] == READY
         _, offset, nbytes = (int(word) for word in self._index[index])
         base = np.frombuffer(self._readonly, dtype=np.uint8, count=nbytes, offset=offset)
         return self._decoder.decode(base)[0]
@@ -255,6 +255,10 @@ class Cache:
             self._index[index, 1], self._index[index, 2] = offset, nbytes
             self._index[index, 0] = WRITING
         try:
+            if not self._reserve(offset, nbytes):
+                with self._locked():
+                    self._index[index] = (REFUSED, 0, nbytes)
+                return None
             record.write(self._array[offset : offset + nbytes])
             with self._locked():
                 self._index[index, 0] = READY
@@ -263,15 +267,28 @@ class Cache:
         self._seen[index] = True
         return self.get(index)
 
+    def _reserve(self, offset: int, nbytes: int) -> bool:
+        """Give the record's pages memory before writing it: a shortage refuses the sample here instead
+        of failing the write, and one call costs less than a page fault per page (about a quarter less
+        for a 150 KB record, measured here)."""
+        assert self.fd is not None, "the cache is closed"
+        try:
+            os.posix_fallocate(self.fd, offset, nbytes)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.ENOMEM):
+                return False
+            raise
+        return True
+
     def count(self, hit: bool, load_s: float = 0.0) -> None:
         """Count a sample served from the cache (``hit``) or loaded, in this worker's own counters."""
         assert self.slot is not None, "only workers count"
-        row = self._counters[self.slot]
         if hit:
-            row[0] += 1
+            self._hits += 1
         else:
-            row[1] += 1
-            row[2] += int(load_s * 1e9)
+            self._misses += 1
+            self._load_ns += int(load_s * 1e9)
+        self._counters[self.slot] = (self._hits, self._misses, self._load_ns)
 
     def _prepare(self, index: int, sample: Any):
         try:
