@@ -128,7 +128,8 @@ class FeederStats:
     cache_entries: int = 0
     """With ``cache_bytes``: samples the cache holds."""
     cache_budget: int = 0
-    """The ``cache_bytes`` the feeder was given (or ``"auto"`` picked); 0 without a cache."""
+    """The ``cache_bytes`` the feeder was given (or ``"auto"`` picked), in whole pages; 0 without a
+    cache."""
 
 
 def _usable_cpus() -> int:
