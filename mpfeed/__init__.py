@@ -2,6 +2,8 @@
 
     source[i], or                worker processes; a random-access source makes the tasks the consumer
     source(*args, shard)         hands out (dispatch), a generator its shard; never import TensorFlow
+                                 (load(i) then augment(sample, rng): with cache_bytes, loaded samples
+                                 stay once in memory every worker maps and augment reads; see cache)
           |  element (a nest of numpy arrays and scalars)
           v
     layout.Encoder ----------->  ring slot       one shared-memory ring per worker, depth slots,

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .cache import CacheSummary
 
 INPUT_BOUND = 0.20
 MODERATELY_INPUT_BOUND = 0.05
@@ -142,3 +146,37 @@ def verdict(picture: Picture) -> list[str]:
 
 def _the_workers(count: int) -> str:
     return "the worker was" if count == 1 else f"the {count} workers were"
+
+
+def cache_verdict(cache: CacheSummary, served: int) -> list[str]:
+    """What the cache of loaded samples saves, and, when it is too small for the ``served`` elements it is
+    asked for over epochs, about how many more bytes would hold them all."""
+    loads = cache.hits + cache.misses
+    if not loads:
+        return [f"the cache ({_mib(cache.budget)}) has served nothing yet"]
+    per_load = cache.load_s / cache.misses if cache.misses else 0.0
+    lines = [
+        f"the cache served {cache.hits:,} of {loads:,} samples from memory ({cache.hits / loads:.0%}), "
+        f"skipping load() for them: about {cache.hits * per_load:.1f} s of the workers' time saved "
+        f"({per_load * 1e3:.2f} ms per load)"
+    ]
+    held = (
+        f"{cache.entries:,} of the {served:,} samples it serves "
+        f"({_mib(cache.used)} of its {_mib(cache.budget)})"
+    )
+    if not cache.refused:
+        lines.append(f"it holds {held}" + (": all of them" if cache.entries >= served else " so far"))
+        return lines
+    known = cache.entries + cache.refused
+    known_bytes = cache.held_bytes + cache.refused_bytes
+    wanted = known_bytes + known_bytes / known * max(served - known, 0)
+    needed = (cache.used - cache.held_bytes) + wanted
+    lines.append(
+        f"the cache is too small: it holds {held}; {cache.refused:,} did not fit and are loaded again every "
+        f"epoch. About {_mib(needed - cache.budget)} more (cache_bytes={int(needed):,}) would hold them all"
+    )
+    return lines
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB"

@@ -20,10 +20,11 @@ import psutil
 
 from . import bootstrap
 from .autotune import Change
+from .cache import auto_bytes, splits
 from .consumer import EPOCH_END, Consumer
-from .diagnosis import Picture, verdict
+from .diagnosis import Picture, cache_verdict, verdict
 from .layout import align
-from .supervisor import WorkerConfig, WorkerHandle
+from .supervisor import Supervisor, WorkerConfig, WorkerHandle
 
 if TYPE_CHECKING:
     from .ray_backend import RayBackend
@@ -123,6 +124,18 @@ class FeederStats:
     """Slots given to workers beyond ``depth`` because views lingered (instead of copies)."""
     workers: tuple[WorkerStats, ...]
     """Per-worker figures, by shard index."""
+    cache_hits: int = 0
+    """With ``cache_bytes``: samples served from the cache (``load`` skipped)."""
+    cache_misses: int = 0
+    """With ``cache_bytes``: samples loaded (``load(i)`` called), stored or not."""
+    cache_bytes: int = 0
+    """With ``cache_bytes``: bytes of the cache in use, its index and the samples stored (never more than
+    ``cache_budget``)."""
+    cache_entries: int = 0
+    """With ``cache_bytes``: samples the cache holds."""
+    cache_budget: int = 0
+    """The ``cache_bytes`` the feeder was given (or ``"auto"`` picked), in whole pages; 0 without a
+    cache."""
 
     def __repr__(self) -> str:
         lines = [f"  {f.name}={getattr(self, f.name)!r}," for f in fields(self) if f.name != "workers"]
@@ -165,8 +178,11 @@ class Feeder:
 
     ``source`` is either random access, an object with ``__len__`` and ``__getitem__(index)`` (a PyTorch
     map dataset, Grain's RandomAccessDataSource, a list), whose workers make ``source[i]`` for the indices
-    the feeder hands them, in an order it owns; or a generator function, called in every worker as
-    ``source(*args, shard=Shard, **kwargs)``, where each worker takes its share
+    the feeder hands them, in an order it owns (a source with ``load(i)`` and ``augment(sample, rng)``
+    is served ``augment(load(i), rng)`` instead, ``rng`` drawn from ``(seed, epoch, i)`` as
+    `mpfeed.element_rng`, and can keep its loaded samples in a shared cache: ``cache_bytes``); or a
+    generator function, called in every worker as ``source(*args, shard=Shard, **kwargs)``, where each
+    worker takes its share
     (``items[shard.index::shard.count]``). Iterating the feeder gives one epoch; iterating again starts
     the next epoch on the same processes. A feeder serves one pass at a time: a new iteration supersedes
     an unfinished one.
@@ -215,6 +231,12 @@ class Feeder:
             soon as each worker has attached), "memfd" (anonymous memory, limited only by RAM and the
             cgroup: a container's small /dev/shm does not matter), or "auto" (the default: posix while
             /dev/shm has room for every ring, else memfd).
+        cache_bytes: random access, for a source with ``load(i)`` and ``augment(sample, rng)``: keep the
+            loaded samples in memory shared by all the workers, at most this many bytes (index included),
+            so that later epochs run only ``augment``, on the sample read in place (read-only views: an
+            ``augment`` must not modify its sample). No eviction: a sample that does not fit is loaded
+            every epoch. ``"auto"``: a quarter of the memory available at start (see `mpfeed.cache`).
+            None (the default): no cache. Not with the Ray backend.
         backend: where the workers run: None for local processes, or `mpfeed.RayBackend(...)` for Ray
             actors on a cluster, each record a Ray object mapped here without a copy. Everything else
             (order, shuffle, seeds, batches, resume, partitions, errors) is the same; ``workers``
@@ -249,6 +271,7 @@ class Feeder:
         backend: RayBackend | None = None,
         partition_remainder: str = "pad",
         dtypes: Any = None,
+        cache_bytes: int | str | None = None,
     ) -> None:
         if bootstrap.importing_main:
             raise RuntimeError(
@@ -293,6 +316,13 @@ class Feeder:
         )
         if backend is not None:
             _check_backend(backend, workers, start_method, ring_memory, slot_bytes, shm_budget)
+            _require(
+                cache_bytes is None,
+                "cache_bytes keeps loaded samples in memory shared by local worker processes; the Ray "
+                "backend's actors run on other hosts and have no such cache: drop cache_bytes (each actor "
+                "then loads every sample every epoch)",
+            )
+        cache_bytes = _cache_size(cache_bytes, source, indexed)
         _require(
             not (shuffle and partition[1] > 1 and seed is None),
             f"shuffle=True with partition={partition} (or an input_context of several pipelines) needs a "
@@ -373,6 +403,7 @@ class Feeder:
             shm_budget=shm_budget,
             max_workers=autotune[1] if autotune is not None else count,
             dtypes=None if dtypes is None else _dtype_nest(dtypes),
+            cache_bytes=cache_bytes,
         )
         self._started = time.monotonic()
         self._consumer = Consumer(
@@ -513,6 +544,7 @@ class Feeder:
             depth_grows=supervisor.depth_grows,
             ring_memory=supervisor.ring_memory,
             workers=workers,
+            **_cache_stats(supervisor),
         )
 
     def report(self) -> str:
@@ -538,7 +570,15 @@ class Feeder:
             cpu_while_busy=sum(w.cpu_s for w in stats.workers)
             / (sum(w.busy_s for w in stats.workers) or 1.0),
         )
-        return "\n".join(verdict(picture))
+        lines = verdict(picture)
+        cache = self._consumer.supervisor.cache
+        if cache is not None:
+            part, parts = self._consumer.supervisor.config.partition
+            # Shuffled, each epoch's permutation is cut into parts anew: over epochs a part meets them all.
+            shuffled = self._consumer.config["shuffle"]
+            wanted = cache.length if shuffled else len(range(part, cache.length, parts))
+            lines += cache_verdict(cache.summary(), wanted)
+        return "\n".join(lines)
 
     def close(self) -> None:
         """Stop the workers and release every segment. Views already handed out stay valid. Idempotent,
@@ -683,8 +723,41 @@ def _check_call(source: Callable[..., Any], args: tuple, kwargs: dict[str, Any] 
 
 
 def _random_access(source: Any) -> bool:
-    """Whether ``source`` is a random-access source (``__len__`` and ``__getitem__``), not a function."""
-    return hasattr(source, "__len__") and hasattr(source, "__getitem__") and not inspect.isroutine(source)
+    """Whether ``source`` is a random-access source (``__len__``, and ``__getitem__`` or ``load`` and
+    ``augment``), not a function."""
+    readable = hasattr(source, "__getitem__") or splits(source)
+    return hasattr(source, "__len__") and readable and not inspect.isroutine(source)
+
+
+def _cache_size(cache_bytes: Any, source: Any, indexed: bool) -> int | None:
+    """The cache's size in bytes (None: no cache), after checking that the source can use one."""
+    if cache_bytes is None:
+        return None
+    _require(
+        cache_bytes == "auto" or (_is_int(cache_bytes) and cache_bytes > 0),
+        f'cache_bytes must be positive bytes, "auto" or None, got {cache_bytes!r}',
+    )
+    _require(
+        indexed and splits(source),
+        "cache_bytes needs a random-access source that splits loading from augmenting: __len__, load(i) "
+        "(deterministic: read and decode) and augment(sample, rng) (every epoch); "
+        f"{type(source).__name__} has no load and augment",
+    )
+    return auto_bytes() if cache_bytes == "auto" else cache_bytes
+
+
+def _cache_stats(supervisor: Supervisor) -> dict[str, int]:
+    cache = supervisor.cache
+    if cache is None:
+        return {}
+    summary = cache.summary()
+    return dict(
+        cache_hits=summary.hits,
+        cache_misses=summary.misses,
+        cache_bytes=summary.used,
+        cache_entries=summary.entries,
+        cache_budget=summary.budget,
+    )
 
 
 def _length_of(source: Any) -> int:

@@ -78,6 +78,16 @@ class RingSpec:
 
 
 @dataclass(frozen=True)
+class CacheSpec:
+    """Where a feeder's cache of loaded samples is (``/proc/<consumer pid>/fd/<fd>``, held open by the
+    consumer for the feeder's life; see `mpfeed.cache`), and which of its counter slots is this worker's."""
+
+    name: str
+    size: int
+    slot: int
+
+
+@dataclass(frozen=True)
 class WorkerSetup:
     """Everything one worker is told at start, besides the pickled source."""
 
@@ -92,6 +102,7 @@ class WorkerSetup:
     parent_pid: int  # the process that started it: the consumer, or the fork server (set there)
     consumer_pid: int
     dtypes: Any = None  # a nest of numpy dtypes every element is converted to (see `mpfeed.conform`)
+    cache: CacheSpec | None = None  # random access with cache_bytes: the shared cache of loaded samples
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import launcher, protocol
+from .cache import Cache
 from .channel import Channel
 from .errors import ElementError, ShmSpaceError, SourceError, WorkerDiedError, WorkerError, describe_exit
 from .process import Process
@@ -76,6 +77,7 @@ class WorkerConfig:
     shm_budget: int | None = None  # bytes of ring memory for the whole feeder (None: no limit)
     max_workers: int | None = None  # the most workers it may have (autotuning): the budget is shared so
     dtypes: Any = None  # a nest of numpy dtypes the workers convert every element to (`mpfeed.conform`)
+    cache_bytes: int | None = None  # random access: the size of the workers' shared cache of loaded samples
 
 
 @dataclass(eq=False)
@@ -124,6 +126,7 @@ class WorkerHandle:
 class Supervisor:
     remote = False  # local workers are waited for through their pipes (`watched`), remote ones by `wait`
     measuring = 0.0  # when the consumer began taking elements (`measure_from_now`); 0: not yet
+    cache: Cache | None = None  # the workers' shared cache of loaded samples (see `mpfeed.cache`)
 
     def __init__(self, source: Any, args: tuple, kwargs: dict, config: WorkerConfig) -> None:
         self.config = config
@@ -146,6 +149,9 @@ class Supervisor:
             if config.slot_bytes is not None:
                 self._check_space(config.slot_bytes)
             launcher.check_limits(config.workers, config.start_method)
+            if config.cache_bytes is not None:
+                slots = config.max_workers or config.workers
+                self.cache = Cache.create(config.cache_bytes, len(source), slots)
             if config.start_method == "forkserver":
                 self.server = launcher.ForkServer(self._work, self._main_spec)
             self.add_workers(config.workers)
@@ -179,6 +185,7 @@ class Supervisor:
                     consumer_pid=os.getpid(),
                     indexed=config.indexed,
                     dtypes=config.dtypes,
+                    cache=None if self.cache is None else self.cache.spec(first + offset),
                 )
                 for offset, ring in enumerate(rings)
             ]
@@ -521,6 +528,8 @@ class Supervisor:
                 handle.ring.close()
         if self.server is not None:
             self.server.close()
+        if self.cache is not None:
+            self.cache.close()
         remove_names(self.owner)
         self.closed = True
 

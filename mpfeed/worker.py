@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from . import protocol, shard
+from .cache import Cache, serve, splits
 from .conform import conform_items
 from .layout import BadElement, Encoder, flatten
 from .ring import Ring
@@ -202,14 +203,24 @@ class ShardEpoch:
                 close()
 
 
-def task_items(source: Any, seed: int, epoch: int, indices: Iterable[int], first_position: int) -> list:
+def task_items(
+    source: Any,
+    seed: int,
+    epoch: int,
+    indices: Iterable[int],
+    first_position: int,
+    cache: Cache | None = None,
+) -> list:
     """``source[index]`` for one task's indices, flattened, each made with its element seed set (see
-    `mpfeed.element_rng`). The source's exceptions come out as `SourceFailed`."""
+    `mpfeed.element_rng`); for a source with ``load`` and ``augment``, ``augment(load(index), rng)`` with
+    ``rng`` from that seed, ``load`` skipped where ``cache`` holds the sample. The source's exceptions
+    come out as `SourceFailed`."""
     items = []
+    split = splits(source)
     for offset, index in enumerate(indices):
         shard._current = (seed, epoch, index)
         try:
-            element = source[index]
+            element = serve(source, cache, index, shard.element_rng()) if split else source[index]
         except BaseException as error:
             raise SourceFailed(error, index, first_position + offset) from None
         finally:
@@ -256,6 +267,7 @@ class _Worker:
         self.blocked_s = 0.0  # waiting for a free slot: the consumer is behind
         self.idle_s = 0.0  # waiting for work: a task, or the next epoch
         self.encoder = Encoder()
+        self.cache = None if setup.cache is None else Cache.attach(setup.cache)
         if setup.ring is not None:
             self._attach(setup.ring)
 
@@ -319,7 +331,8 @@ class _Worker:
             seq, indices = self.tasks.popleft()
             epoch = self.epoch
             try:
-                items = task_items(self.source, self.seed, epoch, indices, seq * (self.batch_size or 1))
+                first = seq * (self.batch_size or 1)
+                items = task_items(self.source, self.seed, epoch, indices, first, self.cache)
             except SourceFailed as failed:
                 raise self._fail("source", failed.error, failed.element, epoch, failed.position) from None
             self._emit(items, seq, seq, batched, indices)

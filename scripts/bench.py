@@ -14,6 +14,7 @@ gives the median with the min-max spread.
     python scripts/bench.py --workloads io,tiny --contenders from_generator,mpfeed --reps 5
     python scripts/bench.py --workloads straggler   # uneven costs, ordered and first-ready
     python scripts/bench.py --workloads autotune    # workers="auto" against fixed worker counts
+    python scripts/bench.py --workloads decode-cached   # load once into a shared cache, augment each epoch
 
 The optional peers `torch-dataloader` and `grain` run when their packages are installed (`make
 bench-peers`). `mp-pool`, `keras-pydataset` and `torch-dataloader` start their processes the way their
@@ -25,7 +26,8 @@ Output: progress on stderr, a table on stdout, JSON and a PNG plot under ``bench
 `straggler` has rows of its own (random-access and generator sources, ordered and first-ready, no
 TensorFlow): it runs first, as `straggler.py` in a process of its own, and prints its own table.
 `autotune` (``workers="auto"`` against fixed worker counts, no TensorFlow either) runs next, the same way,
-as `autotune_bench.py`.
+as `autotune_bench.py`; then `decode-cached` (epochs with and without ``cache_bytes``, beside tf.data's
+``cache()``), as `decode_cached.py`.
 
 This file only reads the command line; the machinery lives in the `benchlib` package (see its
 `__init__.py`).
@@ -48,7 +50,8 @@ from benchlib.workloads import WORKLOADS  # noqa: E402
 
 STRAGGLER = "straggler"  # the workload that `straggler.py` runs
 AUTOTUNE = "autotune"  # the workload that `autotune_bench.py` runs
-DEDICATED = (STRAGGLER, AUTOTUNE)  # workloads with runners of their own, not contenders x workloads
+DECODE_CACHED = "decode-cached"  # the workload that `decode_cached.py` runs
+DEDICATED = (STRAGGLER, AUTOTUNE, DECODE_CACHED)  # workloads with runners of their own
 
 if __name__ != "__mp_main__":
     # A spawned process (Grain's workers) imports the main script again, as __mp_main__; those workers
@@ -132,6 +135,20 @@ def run_autotune(args: argparse.Namespace) -> None:
     subprocess.run(command, check=True)
 
 
+def run_decode_cached(args: argparse.Namespace) -> None:
+    """`decode_cached.py` in a process of its own, as `run_autotune`: its rows are mpfeed's epochs with and
+    without a cache and tf.data's ``cache()``; ``--contenders`` without mpfeed skips it."""
+    command = [sys.executable, str(Path(__file__).with_name("decode_cached.py"))]
+    if args.reps:
+        command += ["--reps", str(args.reps)]
+    if args.quick:
+        command.append("--quick")
+    if args.contenders and "mpfeed" not in [n.strip() for n in args.contenders.split(",")]:
+        print(f"# decode-cached: none of {args.contenders} runs it; skipped", file=sys.stderr)
+        return
+    subprocess.run(command, check=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     names = workload_names(args)
@@ -140,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         run_straggler(args)
     if AUTOTUNE in names:
         run_autotune(args)
+    if DECODE_CACHED in names:
+        run_decode_cached(args)
     if plan is None:
         return
     info = machine()

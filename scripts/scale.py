@@ -15,6 +15,10 @@ can keep fed.
     python scripts/scale.py              # ~8 minutes on 2 cores
     python scripts/scale.py --quick      # ~1 minute
     python scripts/scale.py --ray        # the Ray backend on a local cluster: scripts/scale_ray.py
+
+Part 3 is the curve of epoch 2's rate against ``cache_bytes`` on the `decode-cached` workload
+(`decode_cached.cache_curve`: caches that hold 0, 25, 50, 75 and 100% of the data set), with its own table
+and PNG; ``--no-cache-curve`` skips it.
 """
 
 from __future__ import annotations
@@ -332,6 +336,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3)")
     parser.add_argument("--no-costs", action="store_true", help="skip part 2 (mpfeed's own cost)")
     parser.add_argument(
+        "--no-cache-curve", action="store_true", help="skip part 3 (epoch 2 against cache_bytes)"
+    )
+    parser.add_argument(
         "--ray",
         action="store_true",
         help="the Ray backend's mode instead: scripts/scale_ray.py, given the rest",
@@ -379,6 +386,22 @@ def main(argv: list[str] | None = None) -> None:
         print()
         print(costs_table(cost))
     print(f"\nresults: {base}.json, {base}.png")
+    if not args.no_cache_curve:
+        cache_curve_part(args)
+
+
+def cache_curve_part(args: argparse.Namespace) -> None:
+    """Part 3: `decode_cached.py --curve` in a process of its own (its feeders and TensorFlow's threads
+    apart from the figures above)."""
+    import subprocess
+    from pathlib import Path
+
+    command = [sys.executable, str(Path(__file__).with_name("decode_cached.py")), "--curve"]
+    if args.quick:
+        command.append("--quick")
+    if args.reps:
+        command += ["--reps", str(args.reps)]
+    subprocess.run(command, check=True)
 
 
 def _plain(value: Any) -> Any:

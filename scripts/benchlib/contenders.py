@@ -120,6 +120,31 @@ def tf_map(workload: Workload, workers: int, parallel: int | None = None) -> Pip
     return Pipeline(batch_in_graph(dataset, workload), batched=workload.batch_size is not None)
 
 
+def tf_decode_cache_augment(n: int) -> tf.data.Dataset:
+    """`decode-cached`'s peer, as a tf.data user writes it: ``map(decode).cache().map(augment)`` over
+    ``n`` elements, both maps the workload's own numpy work (`tf.numpy_function`), ``AUTOTUNE`` parallel.
+    The first pass decodes and fills the cache; each later pass augments what it holds."""
+    from .workloads import CACHED_CROP, IMAGE_SHAPE, crop_and_flip, decode_item
+
+    def decode(i: np.int64) -> list:
+        image, label = decode_item(int(i))
+        return [image, label]
+
+    def augment(image: np.ndarray, label: np.int64) -> list:
+        return [np.ascontiguousarray(crop_and_flip(image, np.random.default_rng())), label]
+
+    def load(i: tf.Tensor) -> Any:
+        image, label = tf.numpy_function(decode, [i], [tf.uint8, tf.int64], stateful=False)
+        return tf.ensure_shape(image, IMAGE_SHAPE), tf.ensure_shape(label, ())
+
+    def augmented(image: tf.Tensor, label: tf.Tensor) -> Any:
+        crop, label = tf.numpy_function(augment, [image, label], [tf.uint8, tf.int64])
+        return tf.ensure_shape(crop, (CACHED_CROP, CACHED_CROP, 3)), tf.ensure_shape(label, ())
+
+    dataset = tf.data.Dataset.range(n).map(load, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    return dataset.map(augmented, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 @functools.cache
 def keras_items_class() -> type:
     """`keras.utils.PyDataset` over a workload, made on first use: Keras loads only where it runs. Keras

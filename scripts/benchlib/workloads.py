@@ -396,3 +396,50 @@ if __name__ == "__main__":
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 1.0
     names = sys.argv[2:] or list(WORKLOADS)
     print(json.dumps({name: one_core_rate(name, seconds) for name in names}))
+
+
+# -- decode-cached (decode_cached.py): decode once in load(i), crop and flip in augment every epoch --------
+
+CACHED_CROP = 192  # augment's random crop of the 224x224 decoded image
+
+
+def crop_and_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random 192x192 crop, flipped left-right half the time: a view, no copy."""
+    top, left = (int(v) for v in rng.integers(0, IMAGE_SHAPE[0] - CACHED_CROP + 1, size=2))
+    crop = image[top : top + CACHED_CROP, left : left + CACHED_CROP]
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+class DecodedImages:
+    """`decode-cached`'s source: ``load(i)`` decodes the `decode` workload's JPEG and resizes it to
+    224x224 (all its cost); ``augment`` crops and flips the sample at random."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def load(self, index: int) -> tuple[np.ndarray, np.int64]:
+        return decode_item(index)
+
+    def augment(self, sample: tuple, rng: np.random.Generator) -> tuple[np.ndarray, np.int64]:
+        image, label = sample
+        return crop_and_flip(image, rng), label
+
+
+@functools.cache
+def _held_images(n: int) -> list[np.ndarray]:
+    """``n`` decoded images, each in memory of its own (as many bytes as the data set), made in a worker
+    from one decode: what a worker that held the whole data set would read from."""
+    image = decode_item(0)[0]
+    return [image.copy() for _ in range(n)]
+
+
+class HeldImages(DecodedImages):
+    """The augment-only ceiling: ``load`` returns a sample that each worker already holds in its own
+    memory (the whole data set, copied from one decode at its first call), so an epoch costs what
+    ``augment``, the transport and the consumer cost."""
+
+    def load(self, index: int) -> tuple[np.ndarray, np.int64]:
+        return _held_images(self.n)[index], np.int64(index)
