@@ -101,6 +101,15 @@ STEPS = (
         ("scripts/diagnosis_overhead.py",),
     ),
     Step(
+        "consumer-costs",
+        "What the consumer costs",
+        "The consumer's CPU per element with tiny elements iterated directly, and its memory over a "
+        "3-million-record epoch.",
+        None,
+        ("scripts/consumer_costs.py",),
+        ("scripts/consumer_costs.py", "--quick"),
+    ),
+    Step(
         "decode-images",
         "A whole job: decoding JPEGs while a model trains",
         "JPEGs decoded and augmented in mpfeed's workers feeding a small Keras model, against plain "
