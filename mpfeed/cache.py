@@ -43,7 +43,7 @@ import numpy as np
 from .errors import ShmSpaceError
 from .layout import ALIGN, Decoder, Encoder, align, flatten
 from .protocol import CacheSpec
-from .ring import memfd_supported, memory_available
+from .ring import create_memfd, memfd_supported, memory_available
 
 EMPTY, WRITING, READY, REFUSED = 0, 1, 2, 3
 _MAGIC = 0x6D7066646361636B  # "mpfdcack"
@@ -56,7 +56,6 @@ _F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
 _SEALS = (
     getattr(fcntl, "F_SEAL_SEAL", 1) | getattr(fcntl, "F_SEAL_SHRINK", 2) | getattr(fcntl, "F_SEAL_GROW", 4)
 )
-_MFD_NOEXEC_SEAL = getattr(os, "MFD_NOEXEC_SEAL", 0x0008)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 _MMAP_THRESHOLD_BYTES, _TRIM_THRESHOLD_BYTES = 16 << 20, 64 << 20
 
@@ -157,14 +156,7 @@ class Cache:
                 f"a full cache would wake the OOM killer. Fixes: a smaller cache_bytes, cache_bytes='auto' "
                 f"(a quarter of what is available), or more memory (docker run --memory=...)",
             )
-        label = f"{_LABEL}{os.getpid()}-{os.urandom(6).hex()}"
-        flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
-        try:
-            fd = os.memfd_create(label, flags | _MFD_NOEXEC_SEAL)
-        except OSError as error:  # a kernel before 6.3
-            if error.errno != errno.EINVAL:
-                raise
-            fd = os.memfd_create(label, flags)
+        fd, _ = create_memfd(_LABEL)
         try:
             os.ftruncate(fd, budget)  # no pages yet: they come as samples are written
             fcntl.fcntl(fd, _F_ADD_SEALS, _SEALS)  # nobody can shrink it, so no mapping can SIGBUS

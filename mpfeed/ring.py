@@ -93,6 +93,19 @@ def remove_names(owner: str) -> None:
             pass
 
 
+def create_memfd(prefix: str) -> tuple[int, str]:
+    """A new sealable, close-on-exec memfd and its label: ``prefix``, this pid and a random tag (labels
+    show in /proc/<pid>/fd, never in /dev/shm)."""
+    label = f"{prefix}{os.getpid()}-{os.urandom(6).hex()}"
+    flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+    try:
+        return os.memfd_create(label, flags | _MFD_NOEXEC_SEAL), label
+    except OSError as error:  # a kernel before 6.3
+        if error.errno != errno.EINVAL:
+            raise
+        return os.memfd_create(label, flags), label
+
+
 def memfd_supported() -> bool:
     """Whether this OS gives ``memfd_create`` (Linux 3.17+)."""
     return hasattr(os, "memfd_create")
@@ -270,14 +283,7 @@ class Ring:
 
     @classmethod
     def _create_memfd(cls, depth: int, slot_bytes: int, workers: int) -> Ring:
-        label = f"{NAME_PREFIX}{os.getpid()}-{os.urandom(6).hex()}"
-        flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
-        try:
-            fd = os.memfd_create(label, flags | _MFD_NOEXEC_SEAL)
-        except OSError as error:  # a kernel before 6.3
-            if error.errno != errno.EINVAL:
-                raise
-            fd = os.memfd_create(label, flags)
+        fd, label = create_memfd(NAME_PREFIX)
         try:
             _reserve(fd, depth, slot_bytes, workers, in_shm=False)
             # Nobody can shrink it now, so no mapping of it can ever SIGBUS.

@@ -123,28 +123,25 @@ def run_straggler(args: argparse.Namespace) -> None:
 
 def run_autotune(args: argparse.Namespace) -> None:
     """`autotune_bench.py` in a process of its own, as `run_straggler`. Its rows are all mpfeed, at the
-    worker counts it compares (``--workers`` does not apply); ``--contenders`` without mpfeed skips it."""
-    command = [sys.executable, str(Path(__file__).with_name("autotune_bench.py"))]
-    if args.reps:
-        command += ["--reps", str(args.reps)]
-    if args.quick:
-        command.append("--quick")
-    if args.contenders and "mpfeed" not in [n.strip() for n in args.contenders.split(",")]:
-        print(f"# autotune: none of {args.contenders} runs it; skipped", file=sys.stderr)
-        return
-    subprocess.run(command, check=True)
+    worker counts it compares (``--workers`` does not apply)."""
+    _run_mpfeed_only("autotune_bench.py", "autotune", args)
 
 
 def run_decode_cached(args: argparse.Namespace) -> None:
-    """`decode_cached.py` in a process of its own, as `run_autotune`: its rows are mpfeed's epochs with and
-    without a cache and tf.data's ``cache()``; ``--contenders`` without mpfeed skips it."""
-    command = [sys.executable, str(Path(__file__).with_name("decode_cached.py"))]
+    """`decode_cached.py` in a process of its own: its rows are mpfeed's epochs with and without a cache
+    and tf.data's ``cache()``."""
+    _run_mpfeed_only("decode_cached.py", "decode-cached", args)
+
+
+def _run_mpfeed_only(script: str, name: str, args: argparse.Namespace) -> None:
+    """A script whose rows are mpfeed's, in a process of its own; ``--contenders`` without mpfeed skips it."""
+    command = [sys.executable, str(Path(__file__).with_name(script))]
     if args.reps:
         command += ["--reps", str(args.reps)]
     if args.quick:
         command.append("--quick")
     if args.contenders and "mpfeed" not in [n.strip() for n in args.contenders.split(",")]:
-        print(f"# decode-cached: none of {args.contenders} runs it; skipped", file=sys.stderr)
+        print(f"# {name}: none of {args.contenders} runs it; skipped", file=sys.stderr)
         return
     subprocess.run(command, check=True)
 
