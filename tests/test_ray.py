@@ -303,8 +303,11 @@ def test_an_actor_dying_in_a_random_access_source_is_named_at_the_source_index(c
     with mpfeed.Feeder(sources.Faulty(12, 7, "exit0"), workers=2, backend=_on_ray()) as feeder:
         with pytest.raises(mpfeed.WorkerDiedError) as caught:
             list(feeder)
-    assert caught.value.element == 7
-    assert "while producing source[7] (position 7 of epoch 0)" in str(caught.value), str(caught.value)
+    # Ray may lose the answer of a call the actor finished just before it died (source[5], which worker 1
+    # made before source[7]), so it can name the call before the one that killed it; never another's.
+    assert caught.value.element in (5, 7), str(caught.value)
+    element = caught.value.element
+    assert f"while producing source[{element}] (position {element} of epoch 0)" in str(caught.value)
 
 
 def test_tensorflow_inside_a_source_fails_loudly_on_ray_too(cluster):
