@@ -428,6 +428,11 @@ class Feeder:
         """How many worker processes feed this feeder."""
         return self._consumer.supervisor.config.workers
 
+    @property
+    def batch_size(self) -> int | None:
+        """Elements the workers stack into one record, or None: each record is one element."""
+        return self._consumer.supervisor.config.batch_size
+
     def __iter__(self) -> Iterator[Any]:
         """One epoch of elements, in the epoch's order (random access) or source order (generators) when
         ``ordered``, else first ready. Which epoch, and from where, is `set_epoch`'s rule."""

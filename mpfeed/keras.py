@@ -97,6 +97,11 @@ class EpochSync(keras.callbacks.Callback):
             self.place(epoch, 0)
         self._placed = True
 
+    def resumed(self) -> None:
+        """A position was loaded for this fit(): with one stream, that is where it goes on."""
+        if self._require_plan().stream is not None:
+            self._placed = True
+
     def place(self, epoch: int, steps: int) -> None:
         """Make the feeder's next pass start where Keras epoch ``epoch`` stands after ``steps`` steps."""
         feeder_epoch, consumed = self.position(epoch, steps)
@@ -210,8 +215,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         self.model._initial_epoch = epoch
         self._current_epoch = epoch
         self.feeder.load_state_dict(meta["feeder"])
-        if self.sync._require_plan().stream is not None:
-            self.sync._placed = True  # the loaded position is where the stream goes on
+        self.sync.resumed()
         if steps:
             self._skip_steps(steps)
 
@@ -280,7 +284,10 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         staging = os.path.join(self.backup_dir, f".writing-{number}")
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
-        self.model.save_weights(os.path.join(staging, "model.weights.h5"))
+        weights = os.path.join(staging, "model.weights.h5")
+        self.model.save_weights(weights)
+        with open(weights, "rb") as file:  # on disk before the rename, should the machine go down
+            os.fsync(file.fileno())
         with open(os.path.join(staging, "training.json"), "w") as file:
             json.dump(meta, file)
             file.flush()
@@ -308,6 +315,11 @@ class PyDataset(keras.utils.PyDataset):
         super().__init__(workers=1, use_multiprocessing=False)
         if not isinstance(feeder, Feeder):
             raise TypeError(f"PyDataset takes a mpfeed.Feeder, got {type(feeder).__name__}")
+        if feeder.batch_size is None:
+            raise ValueError(
+                "PyDataset hands Keras one record per step, so the feeder must batch: "
+                "mpfeed.Feeder(..., batch_size=B)"
+            )
         self.feeder = feeder
         self._batches = len(feeder)
         self._lock = threading.Lock()

@@ -167,3 +167,15 @@ def test_load_state_dict_refuses_a_generator_position_that_cannot_belong_to_this
         state = {**feeder.state_dict(), field: value}
         with pytest.raises(ValueError, match=f"this state's {field} is"):
             feeder.load_state_dict(state)
+
+
+def test_a_py_dataset_needs_a_batching_feeder():
+    import mpfeed.keras
+
+    with mpfeed.Feeder(sources.Numbers(8), workers=1) as feeder:
+        with pytest.raises(ValueError, match="the feeder must batch"):
+            mpfeed.keras.PyDataset(feeder)
+    with mpfeed.Feeder(sources.Numbers(8), workers=1, batch_size=4) as feeder:
+        dataset = mpfeed.keras.PyDataset(feeder)
+        assert len(dataset) == 2 and feeder.batch_size == 4
+        assert [int(i) for i in dataset[5]["i"]] == [0, 1, 2, 3]  # Keras's index changes nothing

@@ -322,7 +322,10 @@ def grain_loader(workload: Workload, workers: int) -> Pipeline:
     `scale.py` load TensorFlow only outside such workers, as a careful training script would) and, to
     unpickle the items, `workloads`."""
     import grain
+    from absl import flags
 
+    if not flags.FLAGS.is_parsed():  # Grain reads its absl flags in its workers; no main() parsed them
+        flags.FLAGS.mark_as_parsed()
     dataset = (
         grain.MapDataset.source(IndexedItems(workload.name))
         .to_iter_dataset(grain.ReadOptions(num_threads=0))
