@@ -122,7 +122,7 @@ class Consumer:
         self.pass_number = 0  # numbers the iterations; only the newest may take elements
         self._epoch_taken = False  # whether an iteration already serves the current epoch
         self._peeked: list = []
-        self._current = self._served_entry(0, None, workers.workers)
+        self._current = self._track(0, None, [0] * workers.workers, 0)  # the workers start epoch 0 themselves
         self.wait_s = 0.0
         self.head_of_line_s = 0.0  # ordered: waiting for the next element while others were ready
         self.clock = CallClock()
@@ -323,22 +323,24 @@ class Consumer:
             self.supervisor.start_epoch(number)
             start = position["position"]
             dispatcher.start(number, start, decode_done(start, position["done"]))
-            self._current = self._remember(_Served(number, resume, dispatcher.progress, dispatcher.count))
+            self._current = self._track(number, resume)
             return
         starts, cursor = list(position["starts"]), position["cursor"]
-        self._current = self._remember(_Served(number, resume, ShardProgress(starts, cursor)))
+        self._current = self._track(number, resume, starts, cursor)
         if isinstance(self._ordering, RoundRobin):
             self._ordering.cursor = cursor
         batch = self.supervisor.config.batch_size or 1
         self.supervisor.start_epoch(number, [records * batch for records in starts])
 
-    def _served_entry(self, number: int, resume: dict | None, workers: int) -> _Served:
-        """The first epoch, which the workers start on their own."""
+    def _track(
+        self, number: int, resume: dict | None, starts: list[int] | None = None, cursor: int = 0
+    ) -> _Served:
+        """Remember the pass now serving epoch ``number``, among the last few epochs: what it delivers is
+        tracked by the dispatcher (random access), or here from each shard's ``starts`` and the ``cursor``."""
         if self.dispatcher is not None:
-            return self._remember(_Served(number, resume, self.dispatcher.progress, self.dispatcher.count))
-        return self._remember(_Served(number, resume, ShardProgress([0] * workers, 0)))
-
-    def _remember(self, served: _Served) -> _Served:
+            served = _Served(number, resume, self.dispatcher.progress, self.dispatcher.count)
+        else:
+            served = _Served(number, resume, ShardProgress(starts or [], cursor))
         history = self._served
         history.pop(served.number, None)
         history[served.number] = served
