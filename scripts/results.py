@@ -12,6 +12,10 @@ installed. The full run takes most of an hour on 2 cores and wants the machine t
 
 A measurement that fails is written as such, with the end of its error output, and the run goes on; the
 command exits non-zero at the end when any failed.
+
+Each step's JSON is kept in docs/results-data/ (``<step>.json``), and a full run then rewrites the
+figures README.md and docs/*.md quote, inside their `<!-- make results: ... -->` blocks, from that data
+(`benchlib/figures.py`); ``--render`` does only that, from the data already stored.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from benchlib import figures
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -154,10 +160,11 @@ def command_line(step: Step, quick: bool) -> str:
     return f"python {arguments}"
 
 
-def measure(step: Step, quick: bool, figures: Path) -> tuple[bool, str, float, list[Path]]:
+def measure(step: Step, quick: bool, plots_dir: Path, data_dir: Path) -> tuple[bool, str, float, list[Path]]:
     """Run one step from the repository root, importing this repository's mpfeed; gives whether it
     succeeded, its report (stdout, or the end of its errors), its seconds, and the plots it named on its
-    `results:` lines, copied into ``figures`` under stable names (``scale.png``, ``bench.png``)."""
+    `results:` lines, copied into ``plots_dir`` under stable names (``scale.png``, ``bench.png``); the
+    JSON files it named go to ``data_dir`` the same way (``bench.json``, ``decode-cached.json``)."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -188,10 +195,14 @@ def measure(step: Step, quick: bool, figures: Path) -> tuple[bool, str, float, l
     for line in done.stdout.rstrip().splitlines():
         if line.startswith("results: "):  # files under bench-results/: keep the plots beside the page
             for path in (Path(p.strip()) for p in line[len("results: ") :].split(",")):
+                stable = path.stem.rsplit("-", 2)[0] + path.suffix  # bench-<date>-<time>.png: bench.png
                 if path.suffix == ".png" and path.exists():
-                    figures.mkdir(parents=True, exist_ok=True)
-                    plots.append(figures / f"{path.stem.rsplit('-', 2)[0]}.png")  # bench-<date>-<time>.png
+                    plots_dir.mkdir(parents=True, exist_ok=True)
+                    plots.append(plots_dir / stable)
                     shutil.copyfile(path, plots[-1])
+                elif path.suffix == ".json" and path.exists():
+                    data_dir.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, data_dir / stable)
             continue
         report.append(line)
     return True, "\n".join(report), seconds, plots
@@ -219,7 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help="default docs/results.md; quick: bench-results/"
     )
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="measure nothing: rewrite the figures README.md and docs/ quote from docs/results-data/",
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        return render_pages()
     names = [n.strip() for n in args.only.split(",")] if args.only else [s.name for s in STEPS]
     unknown = set(names) - {s.name for s in STEPS}
     if unknown:
@@ -228,13 +246,13 @@ def main(argv: list[str] | None = None) -> int:
         ROOT / "bench-results" / "results-quick.md" if args.quick else ROOT / "docs" / "results.md"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    figures = out.parent / "results-figures"
+    plots_dir, data_dir = out.parent / "results-figures", out.parent / "results-data"
 
     measured, where = commit(), machine()
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections, failed = [], []
     for step in (s for s in STEPS if s.name in names):
-        ok, report, seconds, plots = measure(step, args.quick, figures)
+        ok, report, seconds, plots = measure(step, args.quick, plots_dir, data_dir)
         if not ok:
             failed.append(step.name)
         status = "" if ok else "**This measurement failed**; the end of its error output:\n\n"
@@ -258,7 +276,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     out.write_text(page(sections, header))
     print(f"wrote {out}" + (f"; failed: {', '.join(failed)}" if failed else ""), file=sys.stderr)
+    if not args.quick and data_dir == DATA:
+        return render_pages() or (1 if failed else 0)
     return 1 if failed else 0
+
+
+DATA = ROOT / "docs" / "results-data"
+
+
+def render_pages() -> int:
+    """Rewrite every quoted figure from the stored data; non-zero when a block can't be rendered."""
+    try:
+        changed = figures.render_pages(ROOT, DATA)
+    except figures.ResultsDataError as error:
+        print(f"the quoted figures were not rewritten: {error}", file=sys.stderr)
+        return 1
+    names = ", ".join(str(p.relative_to(ROOT)) for p in changed) or "none changed"
+    print(f"quoted figures rewritten from {DATA.relative_to(ROOT)}: {names}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

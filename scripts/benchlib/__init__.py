@@ -9,7 +9,9 @@ Its modules depend on each other in one direction only:
     contenders   what builds each row: tf.data, threads, pools, Keras, PyTorch, Grain, Ray, mpfeed
     plan         `make bench`'s rows: every contender and every limit for each workload
     report       medians, spreads, tables, the machine and the mpfeed that ran, JSON and PNG files
+    figures      the figures README.md and docs/ quote, rendered from the data `make results` stores
 
-workloads <- harness <- contenders, workloads <- limits, {harness, limits, contenders} <- plan <- report.
+workloads <- harness <- contenders, workloads <- limits, {harness, limits, contenders} <- plan <- report;
+figures imports none of them (only the standard library).
 Only `contenders` imports TensorFlow, and `plan` imports it only when a plan runs.
 """
