@@ -47,6 +47,7 @@ _FDS_PER_WORKER = 2  # its pipe, and its ring's memfd
 _FD_MARGIN = 64  # for the user's own files, TensorFlow's, and the fork server
 _FORKED_WORKER_BYTES = 8 << 20  # measured: a worker forked from the server, before the source loads anything
 _SPAWNED_WORKER_BYTES = 19 << 20  # a spawned one, with its own interpreter and numpy
+_CAP_SYS_ADMIN, _CAP_SYS_RESOURCE = 21, 24  # capability bits (linux/capability.h)
 
 # Math libraries start a thread per core in every process that loads them: N workers would start N x
 # cores threads (which spin at start-up, doubling a worker's start-up CPU) and then oversubscribe the
@@ -60,7 +61,7 @@ def check_limits(adding: int, start_method: str) -> None:
     part way with a misleading error."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
     # Counting the user's threads reads all of /proc: only for many workers (a few more fail to fork)
-    if soft != resource.RLIM_INFINITY and os.geteuid() != 0 and adding >= _MANY_WORKERS:
+    if soft != resource.RLIM_INFINITY and adding >= _MANY_WORKERS and _held_to_nproc():
         used = _threads_of_user()
         if used + adding + 1 > soft:
             raise OSError(
@@ -87,6 +88,19 @@ def check_limits(adding: int, start_method: str) -> None:
             f"each before the source loads anything), but {available / 2**30:.1f} GiB is available: use "
             "fewer workers",
         )
+
+
+def _held_to_nproc() -> bool:
+    """Whether fork is held to RLIMIT_NPROC: the kernel exempts a real uid of root and a process with
+    CAP_SYS_RESOURCE or CAP_SYS_ADMIN, not an effective uid of root (a set-uid program)."""
+    if os.getuid() == 0:
+        return False
+    try:
+        with open("/proc/self/status") as status:
+            effective = next(int(line.split()[1], 16) for line in status if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return True
+    return not effective & (1 << _CAP_SYS_RESOURCE | 1 << _CAP_SYS_ADMIN)
 
 
 def _threads_of_user() -> int:

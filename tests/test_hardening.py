@@ -4,6 +4,7 @@ could hang runs the consumer in its own interpreter, or in a thread, and fails b
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import random
@@ -969,7 +970,7 @@ def test_hundreds_of_workers_start_under_the_fork_server_instead_of_timing_out(w
 
 
 _PAST_A_LIMIT = """
-    import os, resource, sys, time, psutil, sources, mpfeed
+    import errno, os, resource, sys, time, psutil, sources, mpfeed
     limit = THE_LIMIT
     if limit == "RLIMIT_NOFILE":
         resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
@@ -980,27 +981,75 @@ _PAST_A_LIMIT = """
         resource.setrlimit(resource.RLIMIT_NPROC, (sum(mine) + 40, hard))
     started = time.monotonic()
     try:
-        mpfeed.Feeder(sources.Numbers(10), workers=200, start_method=START_METHOD)
-    except OSError as error:
-        print(type(error).__name__, time.monotonic() - started)
+        feeder = mpfeed.Feeder(sources.Numbers(10), workers=200, start_method=START_METHOD)
+    except OSError as error:  # EAGAIN makes a BlockingIOError
+        print("refused", errno.errorcode[error.errno], type(error).__name__, time.monotonic() - started)
         print(error)
     else:
         print("started")
+        feeder.close()
 """
+
+
+_CAP_SYS_ADMIN, _CAP_SYS_RESOURCE, _PR_CAPBSET_DROP, _NOBODY = 21, 24, 24, 65534
+
+
+def _held_to_nproc_though_root() -> None:
+    """A preexec_fn holding root's child to RLIMIT_NPROC: real uid nobody, no SYS_ADMIN/RESOURCE, euid 0."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (_CAP_SYS_ADMIN, _CAP_SYS_RESOURCE):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+    os.setresgid(_NOBODY, 0, 0)
+    os.setresuid(_NOBODY, 0, 0)
 
 
 @pytest.mark.parametrize("limit", ["RLIMIT_NOFILE", "RLIMIT_NPROC"])
 def test_workers_past_a_process_limit_are_refused_at_once_naming_it(limit, start_method):
-    if limit == "RLIMIT_NPROC" and os.geteuid() == 0:
-        pytest.skip("root is not held to RLIMIT_NPROC")
+    preexec = None
+    if limit == "RLIMIT_NPROC" and os.getuid() == 0:
+        preexec = _held_to_nproc_though_root
+        try:
+            subprocess.run([sys.executable, "-c", "pass"], preexec_fn=preexec, check=True)
+        except subprocess.SubprocessError as error:  # no CAP_SETPCAP or CAP_SETUID: a sandbox
+            pytest.skip(f"root is not held to RLIMIT_NPROC, and prctl/setresuid to nobody failed: {error}")
     code = textwrap.dedent(_PAST_A_LIMIT).replace("START_METHOD", repr(start_method))
     code = code.replace("THE_LIMIT", repr(limit))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    kind, _, message = done.stdout.partition("\n")
-    assert kind.split()[0] == "OSError", done.stdout + done.stderr[-3000:]
+    # its own session, so that any worker it leaves behind (orphaned, no longer our descendant) is found
+    process = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+        preexec_fn=preexec,
+    )
+    status, out, err = _finish(process, 300)
+    deadline = time.monotonic() + 10  # generous: the script closes its workers before it exits
+    while (left := _session(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _kill_session(process)
+    assert not left, f"worker processes left behind: {left}"
+    assert status == 0, err[-3000:]
+    kind, _, message = out.partition("\n")
+    assert kind.split()[:2] == ["refused", {"RLIMIT_NOFILE": "EMFILE", "RLIMIT_NPROC": "EAGAIN"}[limit]], (
+        out + err[-3000:]
+    )
     assert f"({limit}, `ulimit" in message and "200 worker" in message, message
+
+
+def _session(sid: int) -> list[int]:
+    """The live processes of session ``sid`` (zombies aside)."""
+    members = []
+    for process in psutil.process_iter(["status"]):
+        try:
+            if process.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(process.pid) == sid:
+                members.append(process.pid)
+        except OSError:
+            pass
+    return members
 
 
 def test_a_generator_source_with_many_more_workers_than_cores_is_warned_about():
