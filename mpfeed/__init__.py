@@ -35,6 +35,7 @@ from .errors import (
     SupersededError,
     WorkerDiedError,
     WorkerError,
+    WorkerStartError,
     WorkerTimeoutError,
 )
 from .shard import Shard, element_rng, element_seed, seekable
@@ -58,6 +59,7 @@ __all__ = [
     "SupersededError",
     "WorkerDiedError",
     "WorkerError",
+    "WorkerStartError",
     "WorkerStats",
     "WorkerTimeoutError",
     "element_rng",

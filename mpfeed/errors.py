@@ -31,6 +31,20 @@ class ShmSpaceError(MpfeedError, OSError):
     """`/dev/shm` has too little free space for the ring buffers the feeder needs."""
 
 
+class WorkerStartError(MpfeedError, OSError):
+    """The kernel refused to start a worker process: ``errno`` EAGAIN (a limit on processes and threads:
+    RLIMIT_NPROC, a cgroup's pids.max) or ENOMEM. The workers already started were stopped.
+
+    Attributes: ``worker`` (the index of the worker that could not start; None for the fork server),
+    ``started`` (how many of the workers asked for had started).
+    """
+
+    def __init__(self, code: int, message: str, *, worker: int | None = None, started: int = 0) -> None:
+        super().__init__(code, message)
+        self.worker = worker
+        self.started = started
+
+
 class WorkerError(MpfeedError, RuntimeError):
     """A worker process failed; the message names the worker, its pid, the element and the cause.
 

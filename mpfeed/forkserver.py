@@ -1,7 +1,8 @@
 """The fork server's side: one fresh interpreter per feeder imports mpfeed and numpy, then forks every worker.
 
 A spawned worker pays for starting an interpreter and importing numpy; forked from a server that has
-done that already, it starts in milliseconds. The server never runs user code: each forked worker
+done that already, it starts in milliseconds. A fork the kernel refuses is answered with its errno, and
+the server goes on. The server never runs user code: each forked worker
 imports the user's modules and unpickles the source itself (`mpfeed.bootstrap.start_worker`), so nothing
 created at import is shared between workers, and the server stays single-threaded, which is what makes
 forking it safe. It never touches the rings. Messages: see `mpfeed.protocol`; the consumer's handle is
@@ -46,7 +47,15 @@ def serve(connection: Connection, start_worker: Callable[[Connection, protocol.W
             _, fds, _, _ = socket.recv_fds(channel, 1, 1)
             sys.stdout.flush()
             sys.stderr.flush()
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as error:  # EAGAIN (a limit on processes), ENOMEM: the consumer says which
+                os.close(fds[0])
+                try:
+                    connection.send_bytes(protocol.refused(error.errno or 0))
+                except OSError:
+                    break
+                continue
             if pid == 0:
                 code = 1
                 try:

@@ -25,9 +25,9 @@ from typing import Any
 
 import psutil
 
-from . import protocol
+from . import limits, protocol
 from .channel import Channel
-from .errors import WorkerError, describe_exit
+from .errors import WorkerError, WorkerStartError, describe_exit
 from .process import ForkedProcess, SpawnedProcess
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +39,7 @@ FORKSERVER_ROLE = "forkserver"
 _SERVER_ANSWER_S = 30.0  # for the fork server to report the pid of another worker it forked
 _FORKS_IN_FLIGHT = 16  # fork requests sent to the server and not yet answered, at most
 _SERVER_EXIT_WAIT_S = 5.0
+REFUSALS = (errno.EAGAIN, errno.ENOMEM)  # the errnos of a fork or thread the kernel refused
 _READ_SLICE_S = 0.05
 
 # What each worker costs this process and the machine, at the least, for `check_limits`.
@@ -47,7 +48,6 @@ _FDS_PER_WORKER = 2  # its pipe, and its ring's memfd
 _FD_MARGIN = 64  # for the user's own files, TensorFlow's, and the fork server
 _FORKED_WORKER_BYTES = 8 << 20  # measured: a worker forked from the server, before the source loads anything
 _SPAWNED_WORKER_BYTES = 19 << 20  # a spawned one, with its own interpreter and numpy
-_CAP_SYS_ADMIN, _CAP_SYS_RESOURCE = 21, 24  # capability bits (linux/capability.h)
 
 # Math libraries start a thread per core in every process that loads them: N workers would start N x
 # cores threads (which spin at start-up, doubling a worker's start-up CPU) and then oversubscribe the
@@ -61,7 +61,7 @@ def check_limits(adding: int, start_method: str) -> None:
     part way with a misleading error."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
     # Counting the user's threads reads all of /proc: only for many workers (a few more fail to fork)
-    if soft != resource.RLIM_INFINITY and adding >= _MANY_WORKERS and _held_to_nproc():
+    if soft != resource.RLIM_INFINITY and adding >= _MANY_WORKERS and limits.held_to_nproc():
         used = _threads_of_user()
         if used + adding + 1 > soft:
             raise OSError(
@@ -90,17 +90,22 @@ def check_limits(adding: int, start_method: str) -> None:
         )
 
 
-def _held_to_nproc() -> bool:
-    """Whether fork is held to RLIMIT_NPROC: the kernel exempts a real uid of root and a process with
-    CAP_SYS_RESOURCE or CAP_SYS_ADMIN, not an effective uid of root (a set-uid program)."""
-    if os.getuid() == 0:
-        return False
-    try:
-        with open("/proc/self/status") as status:
-            effective = next(int(line.split()[1], 16) for line in status if line.startswith("CapEff:"))
-    except (OSError, StopIteration, ValueError):
-        return True
-    return not effective & (1 << _CAP_SYS_RESOURCE | 1 << _CAP_SYS_ADMIN)
+def start_refused(
+    code: int, *, worker: int | None, asked: int, started: int, more: bool, how: str
+) -> WorkerStartError:
+    """The error for a worker (or the fork server: ``worker`` None) the kernel refused to start: how many
+    of the ``asked`` workers had started (``more``: added to those running), which one failed, the limit
+    and what to do."""
+    in_use = _threads_of_user() if code == errno.EAGAIN and limits.held_to_nproc() else None
+    what = "mpfeed's fork server" if worker is None else f"worker {worker}"
+    of = f", one of {asked} more" if more else f" of {asked}"
+    return WorkerStartError(
+        code,
+        f"mpfeed could not start {what}{of} ({started} of them had started, and were stopped): {how} "
+        f"failed with {limits.refused(code, in_use)}",
+        worker=worker,
+        started=started,
+    )
 
 
 def _threads_of_user() -> int:
@@ -199,11 +204,15 @@ class ForkServer:
         self.process, self.channel = launch(work, main_spec, FORKSERVER_ROLE)
         self.exits: dict[int, int] = {}  # worker pid -> exit code, as the server reports them
         self.gone = False
-        self._pids: list[int] = []
+        self._answers: list[int | OSError] = []  # to this fork_all's requests: a pid, or the refusal
         self._failure: protocol.Failure | None = None  # why the server could not start, as it said
 
-    def fork_all(self, setups: list[protocol.WorkerSetup]) -> list[tuple[ForkedProcess, Channel]]:
-        """Fork one worker per setup; returns each one's process and the consumer's end of its pipe.
+    def fork_all(
+        self, setups: list[protocol.WorkerSetup]
+    ) -> tuple[list[tuple[int, ForkedProcess, Channel]], tuple[int, OSError] | None]:
+        """Fork one worker per setup. Returns, for each worker started, its offset in ``setups``, its
+        process and the consumer's end of its pipe; and ``(offset, error)`` for the first fork the kernel
+        refused (no more are asked for then; the caller stops those started), or None.
 
         Requests are pipelined, at most `_FORKS_IN_FLIGHT` unanswered: sent all at once, the server's
         answers would fill the pipe back while we still send, and each side would wait for the other."""
@@ -211,6 +220,8 @@ class ForkServer:
         try:
             for sent_so_far, setup in enumerate(setups):
                 self._await_answers(sent_so_far - _FORKS_IN_FLIGHT + 1)
+                if any(isinstance(answer, OSError) for answer in self._answers):
+                    break
                 parent_end, child_end = socket.socketpair()
                 ends.append(Channel(parent_end))
                 try:
@@ -223,36 +234,46 @@ class ForkServer:
                     child_end.close()
                 if not sent:
                     raise self.died()
-            self._await_answers(len(setups))
+            self._await_answers(len(ends))
         except BaseException:
             for end in ends:
                 end.close()
             raise
-        pids, self._pids = self._pids, []
-        return [(ForkedProcess(pid, self.exits), end) for pid, end in zip(pids, ends)]
+        answers, self._answers = self._answers, []
+        started, refusal = [], None
+        for offset, (answer, end) in enumerate(zip(answers, ends)):
+            if isinstance(answer, OSError):
+                end.close()
+                refusal = refusal or (offset, answer)
+            else:
+                started.append((offset, ForkedProcess(answer, self.exits), end))
+        return started, refusal
 
     def _await_answers(self, count: int) -> None:
         """Wait until the server has answered ``count`` requests of this `fork_all`, as long as it keeps
         answering: `_SERVER_ANSWER_S` without a new answer is a server that stopped."""
         self.read()
         deadline = time.monotonic() + _SERVER_ANSWER_S
-        answered = len(self._pids)
-        while len(self._pids) < count:
+        answered = len(self._answers)
+        while len(self._answers) < count:
             self.read(_READ_SLICE_S)
-            if len(self._pids) > answered:
-                answered, deadline = len(self._pids), time.monotonic() + _SERVER_ANSWER_S
+            if len(self._answers) > answered:
+                answered, deadline = len(self._answers), time.monotonic() + _SERVER_ANSWER_S
             if self.gone or time.monotonic() > deadline:
                 raise self.died()
 
     def read(self, timeout: float = 0.0) -> None:
-        """Take the server's news (pids of new workers, exit codes of ended ones), waiting at most
-        ``timeout`` seconds for some."""
+        """Take the server's news (pids of new workers or refused forks, exit codes of ended ones),
+        waiting at most ``timeout`` seconds for some."""
         if timeout > 0 and not self.gone:
             _wait_readable(self.channel, timeout)
         for message in self.channel.receive():
             tag = message[:1]
             if tag == protocol.PID:
-                self._pids.append(protocol.read_pid(message))
+                self._answers.append(protocol.read_pid(message))
+            elif tag == protocol.REFUSED:
+                code = protocol.read_refused(message)
+                self._answers.append(OSError(code, os.strerror(code)))
             elif tag == protocol.EXITED:
                 pid, code = protocol.read_exited(message)
                 self.exits[pid] = code

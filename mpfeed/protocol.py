@@ -33,7 +33,8 @@ Consumer to worker:
     STOP                               close the source and exit
 
 Consumer to fork server:  FORK + pickled WorkerSetup, then the worker's pipe end as an SCM_RIGHTS fd
-Fork server to consumer:  PID pid u32 (one per FORK, in order); EXITED pid u32, exit code i32 (as
+Fork server to consumer:  PID pid u32 or REFUSED errno u32 (one per FORK, in order: the worker's pid, or
+                          the errno of the fork the kernel refused); EXITED pid u32, exit code i32 (as
                           workers end); FAILED pickled Failure (the server could not start)
 
 The consumer reads every pipe through `mpfeed.channel` (never blocking); the other ends use
@@ -60,7 +61,7 @@ _TASK_RUN = struct.Struct("<I")
 _TASK = struct.Struct("<QI")
 _TIMES = struct.Struct("<ddd")
 NO_SLOT = 0xFFFFFFFF
-FORK, PID, EXITED = b"K", b"P", b"Q"
+FORK, PID, EXITED, REFUSED = b"K", b"P", b"Q", b"D"
 _PID = struct.Struct("<I")
 _EXIT = struct.Struct("<Ii")
 
@@ -127,6 +128,15 @@ def pid(number: int) -> bytes:
 
 
 def read_pid(message: bytes) -> int:
+    return _PID.unpack_from(message, 1)[0]
+
+
+def refused(code: int) -> bytes:
+    return REFUSED + _PID.pack(code)
+
+
+def read_refused(message: bytes) -> int:
+    """The errno of the refused fork."""
     return _PID.unpack_from(message, 1)[0]
 
 

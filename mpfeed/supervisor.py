@@ -153,7 +153,15 @@ class Supervisor:
                 slots = config.max_workers or config.workers
                 self.cache = Cache.create(config.cache_bytes, len(source), slots)
             if config.start_method == "forkserver":
-                self.server = launcher.ForkServer(self._work, self._main_spec)
+                try:
+                    self.server = launcher.ForkServer(self._work, self._main_spec)
+                except OSError as error:
+                    if error.errno not in launcher.REFUSALS:
+                        raise
+                    how = "spawning its interpreter"
+                    raise launcher.start_refused(
+                        error.errno, worker=None, asked=config.workers, started=0, more=False, how=how
+                    ) from error
             self.add_workers(config.workers)
         except BaseException:
             self.close()
@@ -189,13 +197,37 @@ class Supervisor:
                 )
                 for offset, ring in enumerate(rings)
             ]
+            refusal: tuple[int, OSError] | None = None
             if self.server is not None:
-                for offset, (process, channel) in enumerate(self.server.fork_all(setups)):
+                started, refusal = self.server.fork_all(setups)
+                for offset, process, channel in started:
                     self._adopt(WorkerHandle(first + offset, process, channel, rings[offset], born=launched))
+                how = "the fork server's os.fork()"
             else:
+                how = "spawning its interpreter"
                 for offset, setup in enumerate(setups):
-                    spawned, channel = launcher.launch(self._work, self._main_spec, setup)
+                    try:
+                        spawned, channel = launcher.launch(self._work, self._main_spec, setup)
+                    except OSError as error:
+                        if error.errno not in launcher.REFUSALS:
+                            raise
+                        refusal = offset, error
+                        break
                     self._adopt(WorkerHandle(first + offset, spawned, channel, rings[offset], born=launched))
+            if refusal is not None:
+                offset, cause = refusal
+                refused = launcher.start_refused(
+                    cause.errno or 0,
+                    worker=setups[offset].index,
+                    asked=count,
+                    started=len(self.handles) - first,
+                    more=bool(first),
+                    how=how,
+                )
+                added = self.handles[first:]
+                del self.handles[first:]
+                self._stop(added)  # the feeder keeps the workers it had, and only those
+                raise refused from cause
         finally:
             for ring in rings[len(self.handles) - first :]:
                 if ring is not None:
@@ -510,20 +542,8 @@ class Supervisor:
         call again after an exception interrupted it."""
         if self.closed:
             return
+        self._stop(self.handles)
         for handle in self.handles:
-            self._send(handle, protocol.STOP)
-        self._wait_all(_STOP_GRACE_S)
-        for handle in self._running():
-            handle.process.terminate()
-        self._wait_all(_TERMINATE_GRACE_S)
-        for handle in self._running():
-            handle.process.kill()
-        self._wait_all(_KILL_WAIT_S)
-        for handle in self.handles:
-            handle.gone = True
-            _channel(handle).close()
-            handle.inbox.clear()
-            handle.process.release()
             if handle.ring is not None:
                 handle.ring.close()
         if self.server is not None:
@@ -533,15 +553,29 @@ class Supervisor:
         remove_names(self.owner)
         self.closed = True
 
-    def _running(self) -> list[WorkerHandle]:
-        return [h for h in self.handles if not h.process.exited()]
+    def _stop(self, handles: list[WorkerHandle]) -> None:
+        """Stop these workers and reap them (their rings stay with the caller)."""
+        for handle in handles:
+            self._send(handle, protocol.STOP)
+        self._wait_all(handles, _STOP_GRACE_S)
+        for handle in _running(handles):
+            handle.process.terminate()
+        self._wait_all(handles, _TERMINATE_GRACE_S)
+        for handle in _running(handles):
+            handle.process.kill()
+        self._wait_all(handles, _KILL_WAIT_S)
+        for handle in handles:
+            handle.gone = True
+            _channel(handle).close()
+            handle.inbox.clear()
+            handle.process.release()
 
-    def _wait_all(self, seconds: float) -> None:
+    def _wait_all(self, handles: list[WorkerHandle], seconds: float) -> None:
         """Wait for the processes to exit, draining their pipes meanwhile: a worker blocked sending a large
         record could not otherwise read its STOP."""
         deadline = time.monotonic() + seconds
         while True:
-            running = self._running()
+            running = _running(handles)
             remaining = deadline - time.monotonic()
             if not running or remaining <= 0:
                 return
@@ -550,6 +584,10 @@ class Supervisor:
             running[0].process.wait(min(remaining, _DRAIN_SLICE_S))
             if self.server is not None:
                 self.server.read()
+
+
+def _running(handles: list[WorkerHandle]) -> list[WorkerHandle]:
+    return [h for h in handles if not h.process.exited()]
 
 
 def _spec(ring: Ring, credits: int) -> protocol.RingSpec:

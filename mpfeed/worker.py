@@ -9,6 +9,7 @@ supervisor creates its ring, the worker only attaches.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import random
@@ -22,7 +23,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from . import protocol, shard
+from . import limits, protocol, shard
 from .cache import Cache, serve, splits
 from .conform import conform_items
 from .layout import BadElement, Encoder, flatten
@@ -61,7 +62,12 @@ class _Failed(Exception):
 
 def run(connection: Connection, source: Any, args: tuple, kwargs: dict, setup: protocol.WorkerSetup) -> int:
     """Produce epochs until stopped; returns the process exit code."""
-    _watch_parent(setup.parent_pid, setup.consumer_pid)
+    try:
+        _watch_parent(setup.parent_pid, setup.consumer_pid)
+    except RuntimeError as error:  # "can't start new thread": pthread_create's EAGAIN, nearly always
+        cause = RuntimeError(f"{error}, to watch its parent: {limits.refused(errno.EAGAIN)}")
+        report_failure(connection, "start", cause, element=None, epoch=0)
+        return EXIT_FAILED
     try:
         worker = _Worker(connection, source, args, kwargs, setup)
     except BaseException as error:  # a fault of mpfeed's own (attaching the ring): say so

@@ -4,6 +4,7 @@ could hang runs the consumer in its own interpreter, or in a thread, and fails b
 
 from __future__ import annotations
 
+import ast
 import ctypes
 import json
 import os
@@ -1038,6 +1039,82 @@ def test_workers_past_a_process_limit_are_refused_at_once_naming_it(limit, start
         out + err[-3000:]
     )
     assert f"({limit}, `ulimit" in message and "200 worker" in message, message
+
+
+_REFUSED_FORK = """
+    import errno, os, resource, psutil, sources, mpfeed
+    from mpfeed.ring import Ring
+
+    made = []  # the rings' names, to look for in /dev/shm afterwards
+    create = Ring.create
+
+    def recording(*args, **kwargs):
+        ring = create(*args, **kwargs)
+        made.append(ring.name)
+        return ring
+
+    Ring.create = recording
+    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    mine = [p.info["num_threads"] for p in psutil.process_iter(["uids", "num_threads"])
+            if p.info["uids"] and p.info["uids"].real == os.getuid()]
+    # 8 workers need 16 more (a process and a thread each): the kernel refuses one part way
+    resource.setrlimit(resource.RLIMIT_NPROC, (sum(mine) + 4, hard))
+    try:
+        feeder = mpfeed.Feeder(
+            sources.Numbers(10), workers=8, slot_bytes=4096, ring_memory="posix", start_method=START_METHOD
+        )
+    except OSError as error:
+        print("refused", type(error).__name__, errno.errorcode[error.errno],
+              getattr(error, "worker", None), getattr(error, "started", None))
+        print("message", " ".join(str(error).split()))
+    else:
+        print("started", "-")
+        feeder.close()
+    print("children", [p.pid for p in psutil.Process().children(recursive=True)])
+    print("rings", made)
+"""
+
+
+def test_a_fork_the_kernel_refuses_part_way_is_one_error_naming_the_limit_and_leaves_nothing(start_method):
+    """Under a limit on processes too low for 8 workers yet too high for the up-front check (only from 64
+    workers) to see, the fork server died with "exited with code 1 before starting the workers" and spawn
+    raised a bare BlockingIOError, while the workers started printed "can't start new thread"."""
+    if os.getuid() == 0:
+        try:
+            subprocess.run([sys.executable, "-c", "pass"], preexec_fn=_held_to_nproc_though_root, check=True)
+        except subprocess.SubprocessError as error:  # no CAP_SETPCAP or CAP_SETUID: a sandbox
+            pytest.skip(f"root is not held to RLIMIT_NPROC, and prctl/setresuid to nobody failed: {error}")
+    code = textwrap.dedent(_REFUSED_FORK).replace("START_METHOD", repr(start_method))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+        preexec_fn=_held_to_nproc_though_root if os.getuid() == 0 else None,
+    )
+    status, out, err = _finish(process, 120)
+    left = _session(process.pid)
+    _kill_session(process)
+    assert not left, f"processes left behind: {left}"
+    assert status == 0, err[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.splitlines())
+    assert "refused" in lines, out + err[-3000:]
+    name, code_name, worker, started = lines["refused"].split()
+    assert (name, code_name) == ("WorkerStartError", "EAGAIN"), out + err[-3000:]
+    message = lines["message"]
+    assert 0 < int(worker) < 8 and 0 < int(started) < 8, message
+    assert f"could not start worker {worker} of 8 ({started} of them had started" in message, message
+    assert "EAGAIN" in message and "RLIMIT_NPROC" in message and "ulimit -u" in message, message
+    assert "pids.max" in message and "use fewer workers, or raise" in message, message
+    assert lines["children"] == "[]", out
+    rings = ast.literal_eval(lines["rings"])
+    assert len(rings) == 8, out
+    left_in_shm = [name for name in rings if os.path.exists(f"/dev/shm/{name.lstrip('/')}")]
+    assert not left_in_shm, f"rings left in /dev/shm: {left_in_shm}"
+    assert "Traceback" not in err and "can't start new thread" not in err, err[-3000:]
 
 
 def _session(sid: int) -> list[int]:
