@@ -118,7 +118,18 @@ class Autotuner:
         before = self.active
         missing = count - len(self.supervisor.handles)
         if missing > 0:
-            self.supervisor.add_workers(missing)
+            try:
+                self.supervisor.add_workers(missing)
+            except OSError as error:  # a limit on processes, files or memory: the workers it has go on
+                self.max_workers = len(self.supervisor.handles)
+                logger.warning(
+                    "mpfeed autotune: workers stay at most %d, since no more could start: %s",
+                    self.max_workers,
+                    error,
+                )
+                count = min(count, self.max_workers)
+                if count == before:
+                    return
         self.active = self.dispatcher.active = count
         self._settle = 1
         change = Change(round(time.monotonic() - self._started, 3), before, count, reason)

@@ -45,6 +45,7 @@ _READ_SLICE_S = 0.05
 # What each worker costs this process and the machine, at the least, for `check_limits`.
 _MANY_WORKERS = 64
 _FDS_PER_WORKER = 2  # its pipe, and its ring's memfd
+_TASKS_PER_WORKER = 2  # what RLIMIT_NPROC counts: its process, and the thread that watches its parent
 _FD_MARGIN = 64  # for the user's own files, TensorFlow's, and the fork server
 _FORKED_WORKER_BYTES = 8 << 20  # measured: a worker forked from the server, before the source loads anything
 _SPAWNED_WORKER_BYTES = 19 << 20  # a spawned one, with its own interpreter and numpy
@@ -55,15 +56,17 @@ _SPAWNED_WORKER_BYTES = 19 << 20  # a spawned one, with its own interpreter and 
 SINGLE_THREADED = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def check_limits(adding: int, start_method: str) -> None:
+def check_limits(adding: int, start_method: str, *, count_threads: bool = False) -> None:
     """Refuse at once, naming the limit, to start ``adding`` more workers past this process's limits on
     processes (RLIMIT_NPROC), open files (RLIMIT_NOFILE) or the memory available, instead of failing
-    part way with a misleading error."""
+    part way with a misleading error. ``count_threads``: check RLIMIT_NPROC however few are added."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
-    # Counting the user's threads reads all of /proc: only for many workers (a few more fail to fork)
-    if soft != resource.RLIM_INFINITY and adding >= _MANY_WORKERS and limits.held_to_nproc():
+    # Counting the user's threads reads all of /proc: only for many workers (a few more fail to fork),
+    # or when asked (autotuning, whose workers would otherwise fail after the feeder has started)
+    many = adding >= _MANY_WORKERS or count_threads
+    if soft != resource.RLIM_INFINITY and many and limits.held_to_nproc():
         used = _threads_of_user()
-        if used + adding + 1 > soft:
+        if used + adding * _TASKS_PER_WORKER + 1 > soft:
             raise OSError(
                 errno.EAGAIN,
                 f"starting {adding} worker processes would take this user past its limit of {soft} processes "

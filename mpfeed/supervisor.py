@@ -173,7 +173,7 @@ class Supervisor:
         config = self.config
         first = len(self.handles)
         if first:  # more, while running (autotuning); the feeder's own workers were checked before the server
-            launcher.check_limits(count, config.start_method)
+            launcher.check_limits(count, config.start_method, count_threads=True)
         launched = time.monotonic()
         rings: list[Ring | None] = [None] * count
         try:
@@ -224,9 +224,8 @@ class Supervisor:
                     more=bool(first),
                     how=how,
                 )
-                added = self.handles[first:]
-                del self.handles[first:]
-                self._stop(added)  # the feeder keeps the workers it had, and only those
+                self._stop(self.handles[first:])  # the feeder keeps the workers it had, and only those
+                del self.handles[first:]  # after: interrupted, close() stops those left here
                 raise refused from cause
         finally:
             for ring in rings[len(self.handles) - first :]:

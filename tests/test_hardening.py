@@ -1005,21 +1005,19 @@ def _held_to_nproc_though_root() -> None:
     os.setresuid(_NOBODY, 0, 0)
 
 
-@pytest.mark.parametrize("limit", ["RLIMIT_NOFILE", "RLIMIT_NPROC"])
-def test_workers_past_a_process_limit_are_refused_at_once_naming_it(limit, start_method):
+def _run_held_to_nproc(code: str, timeout: float) -> tuple[int, str, str]:
+    """Run ``code`` in its own session, held to RLIMIT_NPROC even as root (skip where root can't be held);
+    fails if any process of the session outlives it: a worker left behind is no longer our descendant."""
     preexec = None
-    if limit == "RLIMIT_NPROC" and os.getuid() == 0:
+    if os.getuid() == 0:
         preexec = _held_to_nproc_though_root
         try:
             subprocess.run([sys.executable, "-c", "pass"], preexec_fn=preexec, check=True)
         except subprocess.SubprocessError as error:  # no CAP_SETPCAP or CAP_SETUID: a sandbox
             pytest.skip(f"root is not held to RLIMIT_NPROC, and prctl/setresuid to nobody failed: {error}")
-    code = textwrap.dedent(_PAST_A_LIMIT).replace("START_METHOD", repr(start_method))
-    code = code.replace("THE_LIMIT", repr(limit))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    # its own session, so that any worker it leaves behind (orphaned, no longer our descendant) is found
     process = subprocess.Popen(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", textwrap.dedent(code)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -1027,12 +1025,30 @@ def test_workers_past_a_process_limit_are_refused_at_once_naming_it(limit, start
         start_new_session=True,
         preexec_fn=preexec,
     )
-    status, out, err = _finish(process, 300)
+    status, out, err = _finish(process, timeout)
     deadline = time.monotonic() + 10  # generous: the script closes its workers before it exits
     while (left := _session(process.pid)) and time.monotonic() < deadline:
         time.sleep(0.05)
     _kill_session(process)
-    assert not left, f"worker processes left behind: {left}"
+    assert not left, f"processes left behind: {left}\n{out}\n{err[-3000:]}"
+    return status, out, err
+
+
+@pytest.mark.parametrize("limit", ["RLIMIT_NOFILE", "RLIMIT_NPROC"])
+def test_workers_past_a_process_limit_are_refused_at_once_naming_it(limit, start_method):
+    code = _PAST_A_LIMIT.replace("START_METHOD", repr(start_method)).replace("THE_LIMIT", repr(limit))
+    if limit == "RLIMIT_NPROC":
+        status, out, err = _run_held_to_nproc(code, 300)
+    else:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        done = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        status, out, err = done.returncode, done.stdout, done.stderr
     assert status == 0, err[-3000:]
     kind, _, message = out.partition("\n")
     assert kind.split()[:2] == ["refused", {"RLIMIT_NOFILE": "EMFILE", "RLIMIT_NPROC": "EAGAIN"}[limit]], (
@@ -1079,26 +1095,8 @@ def test_a_fork_the_kernel_refuses_part_way_is_one_error_naming_the_limit_and_le
     """Under a limit on processes too low for 8 workers yet too high for the up-front check (only from 64
     workers) to see, the fork server died with "exited with code 1 before starting the workers" and spawn
     raised a bare BlockingIOError, while the workers started printed "can't start new thread"."""
-    if os.getuid() == 0:
-        try:
-            subprocess.run([sys.executable, "-c", "pass"], preexec_fn=_held_to_nproc_though_root, check=True)
-        except subprocess.SubprocessError as error:  # no CAP_SETPCAP or CAP_SETUID: a sandbox
-            pytest.skip(f"root is not held to RLIMIT_NPROC, and prctl/setresuid to nobody failed: {error}")
-    code = textwrap.dedent(_REFUSED_FORK).replace("START_METHOD", repr(start_method))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    process = subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-        preexec_fn=_held_to_nproc_though_root if os.getuid() == 0 else None,
-    )
-    status, out, err = _finish(process, 120)
-    left = _session(process.pid)
-    _kill_session(process)
-    assert not left, f"processes left behind: {left}"
+    code = _REFUSED_FORK.replace("START_METHOD", repr(start_method))
+    status, out, err = _run_held_to_nproc(code, 120)
     assert status == 0, err[-3000:]
     lines = dict(line.split(" ", 1) for line in out.splitlines())
     assert "refused" in lines, out + err[-3000:]
@@ -1115,6 +1113,55 @@ def test_a_fork_the_kernel_refuses_part_way_is_one_error_naming_the_limit_and_le
     left_in_shm = [name for name in rings if os.path.exists(f"/dev/shm/{name.lstrip('/')}")]
     assert not left_in_shm, f"rings left in /dev/shm: {left_in_shm}"
     assert "Traceback" not in err and "can't start new thread" not in err, err[-3000:]
+
+
+_AUTOTUNE_REFUSED = """
+    import logging, os, resource, sys, time, psutil, sources, mpfeed
+
+    refusals = []
+    handler = logging.Handler()
+    handler.emit = lambda record: refusals.append(record.getMessage())
+    handler.setLevel(logging.WARNING)
+    logging.getLogger("mpfeed").addHandler(handler)
+    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    mine = [p.info["num_threads"] for p in psutil.process_iter(["uids", "num_threads"])
+            if p.info["uids"] and p.info["uids"].real == os.getuid()]
+    # room for the feeder's first 2 workers (a process and a thread each), its server and threads, and
+    # a few more; an I/O-bound source then asks for more than that
+    resource.setrlimit(resource.RLIMIT_NPROC, (sum(mine) + 12, hard))
+    labels, seen = [], None
+    with mpfeed.Feeder(
+        sources.Waits(10**6, 0.01), workers="auto", max_workers=32, start_method=START_METHOD
+    ) as feeder:
+        for _, label in feeder:
+            labels.append(int(label))
+            if refusals and seen is None:
+                seen = len(labels)
+            if seen is not None and len(labels) > seen + 300 or len(labels) > 60_000:
+                break
+        stats = feeder.stats()
+        children = len(psutil.Process().children(recursive=True))
+    print("refusals", refusals)
+    print("delivered", len(labels), labels == list(range(len(labels))), "after", seen)
+    print("workers", stats.active_workers, len(stats.workers), children)
+"""
+
+
+def test_autotuning_past_a_limit_on_processes_keeps_the_workers_it_has_and_warns(start_method):
+    """A refusal to start one more worker while autotuning reached the training loop's next() as an
+    error; the feeder now stays at the workers it could start, and says so once."""
+    code = _AUTOTUNE_REFUSED.replace("START_METHOD", repr(start_method))
+    status, out, err = _run_held_to_nproc(code, 240)
+    assert status == 0, out + err[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.splitlines())
+    refusals = ast.literal_eval(lines["refusals"])
+    assert len(refusals) == 1, refusals
+    assert "workers stay at most" in refusals[0] and "RLIMIT_NPROC" in refusals[0], refusals
+    count, in_order, _, seen = lines["delivered"].split()
+    assert in_order == "True" and seen != "None" and int(count) > int(seen) + 300, out
+    active, started, children = map(int, lines["workers"].split())
+    assert 2 <= active <= started < 32, out
+    assert children == started + (start_method == "forkserver"), out  # those refused left nothing
 
 
 def _session(sid: int) -> list[int]:
