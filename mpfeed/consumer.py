@@ -522,8 +522,14 @@ class Consumer:
         self.life.broken = error
         self.leases.forget()
         self.releases.wake()
-        self._shutdown_thread = threading.Thread(target=self._finalizer, name="mpfeed-shutdown", daemon=True)
-        self._shutdown_thread.start()
+        thread = threading.Thread(target=self._finalizer, name="mpfeed-shutdown", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # "can't start new thread": the very limit that broke it, often; stop them here
+            with contextlib.suppress(Exception):  # the error to raise is ``error``; close() finishes
+                self._finalizer()
+        else:
+            self._shutdown_thread = thread
 
 
 class _Served:

@@ -1115,6 +1115,46 @@ def test_a_fork_the_kernel_refuses_part_way_is_one_error_naming_the_limit_and_le
     assert "Traceback" not in err and "can't start new thread" not in err, err[-3000:]
 
 
+_THREAD_REFUSED = """
+    import glob, os, resource, psutil, sources, mpfeed
+
+    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    mine = [p.info["num_threads"] for p in psutil.process_iter(["uids", "num_threads"])
+            if p.info["uids"] and p.info["uids"].real == os.getuid()]
+    # room for the 8 workers' processes (and the fork server), none for their threads
+    resource.setrlimit(resource.RLIMIT_NPROC, (sum(mine) + 8 + (START_METHOD == "forkserver"), hard))
+    before = set(glob.glob("/dev/shm/*"))
+    feeder = mpfeed.Feeder(
+        sources.Numbers(50), workers=8, slot_bytes=4096, ring_memory="posix", start_method=START_METHOD
+    )
+    try:
+        list(feeder)
+    except Exception as error:
+        print("raised", type(error).__name__, " ".join(str(error).split()))
+    else:
+        print("raised nothing")
+    feeder.close()
+    print("children", [p.pid for p in psutil.Process().children(recursive=True)])
+    print("left", sorted(set(glob.glob("/dev/shm/*")) - before))
+"""
+
+
+def test_a_worker_that_cannot_start_its_watch_thread_breaks_the_feeder_with_its_error_and_close_cleans_up(
+    start_method,
+):
+    """The worker's typed failure reached the consumer, whose own shutdown thread the same limit refused:
+    next() raised a bare "can't start new thread", and close() "cannot join thread before it is
+    started", leaving the workers running and their rings in /dev/shm."""
+    code = _THREAD_REFUSED.replace("START_METHOD", repr(start_method))
+    status, out, err = _run_held_to_nproc(code, 120)
+    assert status == 0, out + err[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.splitlines())
+    kind, _, message = lines["raised"].partition(" ")
+    assert kind == "WorkerError", out + err[-3000:]
+    assert "can't start new thread, to watch its parent" in message and "RLIMIT_NPROC" in message, message
+    assert lines["children"] == "[]" and lines["left"] == "[]", out
+
+
 _AUTOTUNE_REFUSED = """
     import logging, os, resource, sys, time, psutil, sources, mpfeed
 
