@@ -73,6 +73,15 @@ def check_limits(adding: int, start_method: str, *, count_threads: bool = False)
                 f"and threads (RLIMIT_NPROC, `ulimit -u`; {used} in use now): raise the limit, or use fewer "
                 "workers",
             )
+    pids = limits.cgroup_pids()  # a few small files: checked however few are added
+    if pids is not None and pids[1] + adding * _TASKS_PER_WORKER + 1 > pids[0]:
+        limit, current, where = pids
+        raise OSError(
+            errno.EAGAIN,
+            f"starting {adding} worker processes (a process and a thread each) would take this process's "
+            f"cgroup {where} past its limit of {limit} processes and threads (pids.max; {current} in use "
+            "now): raise the cgroup's pids.max (`docker run --pids-limit`), or use fewer workers",
+        )
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = adding * _FDS_PER_WORKER + _open_fds() + _FD_MARGIN
     if soft != resource.RLIM_INFINITY and needed > soft:

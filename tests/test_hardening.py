@@ -5,6 +5,7 @@ could hang runs the consumer in its own interpreter, or in a thread, and fails b
 from __future__ import annotations
 
 import ast
+import contextlib
 import ctypes
 import json
 import os
@@ -1202,6 +1203,87 @@ def test_autotuning_past_a_limit_on_processes_keeps_the_workers_it_has_and_warns
     active, started, children = map(int, lines["workers"].split())
     assert 2 <= active <= started < 32, out
     assert children == started + (start_method == "forkserver"), out  # those refused left nothing
+
+
+_AUTOTUNE_IN_A_PIDS_CGROUP = """
+    import logging, os, time, psutil, sources, mpfeed
+
+    refusals = []
+    handler = logging.Handler()
+    handler.emit = lambda record: refusals.append(record.getMessage())
+    handler.setLevel(logging.WARNING)
+    logging.getLogger("mpfeed").addHandler(handler)
+    with open(os.path.join(GROUP, "cgroup.procs"), "w") as procs:
+        procs.write(str(os.getpid()))
+    labels, seen = [], None
+    with mpfeed.Feeder(
+        sources.Waits(10**6, 0.01), workers="auto", max_workers=32, start_method=START_METHOD
+    ) as feeder:
+        iterator = iter(feeder)
+        labels = [int(next(iterator)[1]) for _ in range(50)]  # every worker has started, and its thread
+        with open(os.path.join(GROUP, "pids.current")) as current:
+            tasks = int(current.read())
+        with open(os.path.join(GROUP, "pids.max"), "w") as limit:  # room for one more process, no thread
+            limit.write(str(tasks + 1))
+        started = time.monotonic()
+        for _, label in iterator:
+            labels.append(int(label))
+            if refusals and seen is None:
+                seen = len(labels)
+            if seen is not None and len(labels) > seen + 300 or time.monotonic() - started > 60:
+                break
+        stats = feeder.stats()
+    print("refusals", refusals)
+    print("delivered", len(labels), labels == list(range(len(labels))), "after", seen)
+    print("workers", stats.active_workers, len(stats.workers))
+"""
+
+
+def _pids_cgroup() -> str:
+    """A new cgroup (v1's pids controller) for a test to move a process into; skips where none can be made."""
+    group = f"/sys/fs/cgroup/pids/mpfeed-test-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        os.mkdir(group)
+    except OSError as error:
+        pytest.skip(f"no cgroup v1 pids controller to make a group in ({error})")
+    return group
+
+
+def test_autotuning_inside_a_cgroup_pids_limit_keeps_the_workers_it_has_and_warns(start_method):
+    """Only RLIMIT_NPROC was checked before growing: under a cgroup's pids.max a worker forked into the last
+    free task and could not start its thread, and its failure ended the training loop."""
+    group = _pids_cgroup()
+    code = _AUTOTUNE_IN_A_PIDS_CGROUP.replace("START_METHOD", repr(start_method)).replace(
+        "GROUP", repr(group)
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=240,
+        )
+    finally:
+        with open(os.path.join(group, "cgroup.procs")) as procs:
+            left = [int(pid) for pid in procs.read().split()]
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                os.rmdir(group)
+                break
+            time.sleep(0.05)
+    assert not left, f"processes left behind: {left}"
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    refusals = ast.literal_eval(lines["refusals"])
+    assert len(refusals) == 1 and "pids.max" in refusals[0], refusals
+    count, in_order, _, seen = lines["delivered"].split()
+    assert in_order == "True" and seen != "None" and int(count) > int(seen) + 300, done.stdout
 
 
 def _session(sid: int) -> list[int]:
