@@ -109,12 +109,14 @@ def start_refused(
     of the ``asked`` workers had started (``more``: added to those running), which one failed, the limit
     and what to do."""
     in_use = _threads_of_user() if code == errno.EAGAIN and limits.held_to_nproc() else None
-    what = "mpfeed's fork server" if worker is None else f"worker {worker}"
-    of = f", one of {asked} more" if more else f" of {asked}"
+    if worker is None:
+        what = f"its fork server, for {asked} workers (none had started)"
+    else:
+        of = f", one of {asked} more" if more else f" of {asked}"
+        what = f"worker {worker}{of} ({started} of them had started, and were stopped)"
     return WorkerStartError(
         code,
-        f"mpfeed could not start {what}{of} ({started} of them had started, and were stopped): {how} "
-        f"failed with {limits.refused(code, in_use)}",
+        f"mpfeed could not start {what}: {how} failed with {limits.refused(code, in_use)}",
         worker=worker,
         started=started,
     )

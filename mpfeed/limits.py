@@ -16,7 +16,10 @@ _CGROUP_ROOT = "/sys/fs/cgroup"
 
 def held_to_nproc() -> bool:
     """Whether fork is held to RLIMIT_NPROC: the kernel exempts a real uid of root and a process with
-    CAP_SYS_RESOURCE or CAP_SYS_ADMIN, not an effective uid of root (a set-uid program)."""
+    CAP_SYS_RESOURCE or CAP_SYS_ADMIN, not an effective uid of root (a set-uid program), and only in the
+    initial user namespace: root in a rootless container is held."""
+    if not _in_initial_user_namespace():
+        return True
     if os.getuid() == 0:
         return False
     try:
@@ -25,6 +28,15 @@ def held_to_nproc() -> bool:
     except (OSError, StopIteration, ValueError):
         return True
     return not effective & (1 << _CAP_SYS_RESOURCE | 1 << _CAP_SYS_ADMIN)
+
+
+def _in_initial_user_namespace() -> bool:
+    """The initial namespace maps every uid to itself; a container's maps a range, or nothing."""
+    try:
+        with open("/proc/self/uid_map") as file:
+            return file.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True  # no user namespaces in this kernel
 
 
 def refused(code: int, in_use: int | None = None) -> str:

@@ -1116,6 +1116,57 @@ def test_a_fork_the_kernel_refuses_part_way_is_one_error_naming_the_limit_and_le
     assert "Traceback" not in err and "can't start new thread" not in err, err[-3000:]
 
 
+_IN_A_USER_NAMESPACE = """
+    import ctypes, os
+
+    # before any import starts a thread: a multithreaded process can't enter a new user namespace
+    if ctypes.CDLL(None, use_errno=True).unshare(0x10000000) != 0:  # CLONE_NEWUSER
+        print("unshare failed", os.strerror(ctypes.get_errno()))
+    else:
+        from mpfeed import limits
+
+        print("held", limits.held_to_nproc())
+"""
+
+
+def test_root_in_a_user_namespace_is_known_to_be_held_to_rlimit_nproc():
+    """A new user namespace gives its process every capability, counted there only: the kernel still holds
+    it to RLIMIT_NPROC, but mpfeed read its full CapEff as an exemption and explained a refused fork as
+    "RLIMIT_NPROC does not apply"."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_IN_A_USER_NAMESPACE)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    if done.stdout.startswith("unshare failed"):
+        pytest.skip(f"no user namespace can be made here: {done.stdout.strip()}")
+    assert done.stdout.split() == ["held", "True"], done.stdout
+
+
+_SERVER_REFUSED = """
+    import resource, sources, mpfeed
+
+    resource.setrlimit(resource.RLIMIT_NPROC, (1, resource.getrlimit(resource.RLIMIT_NPROC)[1]))  # no more
+    try:
+        mpfeed.Feeder(sources.Numbers(10), workers=8, start_method="forkserver")
+    except mpfeed.WorkerStartError as error:
+        print("refused", error.worker, error.started, " ".join(str(error).split()))
+"""
+
+
+def test_a_fork_server_the_kernel_refuses_is_named_as_such():
+    status, out, err = _run_held_to_nproc(_SERVER_REFUSED, 120)
+    assert status == 0, out + err[-3000:]
+    assert (
+        out.startswith("refused None 0 ") and "could not start its fork server, for 8 workers (none" in out
+    ), out
+    assert "spawning its interpreter failed with EAGAIN" in out, out
+
+
 _THREAD_REFUSED = """
     import glob, os, resource, psutil, sources, mpfeed
 
