@@ -11,6 +11,7 @@ broken (`BrokenError`), never silently wrong. Ordering policies live in `mpfeed.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -595,6 +596,11 @@ def _shutdown(
     acquired = lock.acquire(timeout=_LOCK_WAIT_S)
     try:
         supervisor.close()
+    except BaseException:
+        # A Ctrl-C in the middle: a weakref finalizer runs once and swallows it, so nothing would finish the
+        # rest (the workers, the rings' names); the interpreter's exit does.
+        atexit.register(supervisor.close)
+        raise
     finally:
         releases.close()
         if acquired:

@@ -1116,6 +1116,48 @@ def test_a_fork_the_kernel_refuses_part_way_is_one_error_naming_the_limit_and_le
     assert "Traceback" not in err and "can't start new thread" not in err, err[-3000:]
 
 
+_CTRL_C_IN_THE_FINALIZER = """
+    import os, signal, time, sources, mpfeed
+    from mpfeed.ring import owner_prefix
+
+    feeder = mpfeed.Feeder(sources.Numbers(50), workers=4, ring_memory="posix", slot_bytes=4096)
+    print(owner_prefix(feeder._consumer.supervisor.owner), flush=True)
+    signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    signal.setitimer(signal.ITIMER_REAL, DELAY)
+    try:
+        del feeder  # its finalizer stops the workers here, in this thread
+        time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+"""
+
+
+@pytest.mark.parametrize("delay", [0.002, 0.005, 0.02])
+def test_a_ctrl_c_while_a_dropped_feeder_shuts_down_still_leaves_nothing_at_exit(delay):
+    """A weakref finalizer runs once and swallows what interrupts it: a Ctrl-C in the middle of the
+    shutdown left the rings' names in /dev/shm after the process had exited."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(_CTRL_C_IN_THE_FINALIZER).replace("DELAY", repr(delay))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    _, out, err = _finish(process, 120)
+    prefix = out.split()[0] if out.strip() else "?"
+    deadline = time.monotonic() + 10
+    while (left := _session(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _kill_session(process)
+    names = [name for name in os.listdir("/dev/shm") if name.startswith(prefix)]
+    for name in names:  # not to leave them to the next test
+        os.unlink(f"/dev/shm/{name}")
+    assert prefix != "?", err[-3000:]
+    assert not names and not left, f"left in /dev/shm: {names}; processes: {left}"
+
+
 _IN_A_USER_NAMESPACE = """
     import ctypes, os
 
