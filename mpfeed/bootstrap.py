@@ -24,9 +24,12 @@ def child_main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.set_inheritable(fd, False)  # a subprocess of the source must not keep our pipe open
     connection = Connection(fd)
-    bootstrap = pickle.loads(connection.recv_bytes())
-    work = connection.recv_bytes()
-    setup = pickle.loads(connection.recv_bytes())
+    try:
+        bootstrap = pickle.loads(connection.recv_bytes())
+        work = connection.recv_bytes()
+        setup = pickle.loads(connection.recv_bytes())
+    except EOFError:  # the consumer gave up on us before we began (a Ctrl-C mid-start): nothing to say
+        sys.exit(0)
     sys.path[:] = bootstrap["sys_path"]
     os.chdir(bootstrap["cwd"])
     tfguard.install()

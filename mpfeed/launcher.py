@@ -204,10 +204,16 @@ def launch(work: bytes, main_spec: dict, setup: protocol.WorkerSetup | str) -> t
     finally:
         child_end.close()
     channel = Channel(parent_end)
-    bootstrap = {"sys_path": list(sys.path), "cwd": os.getcwd(), **main_spec}
-    for message in (pickle.dumps(bootstrap), work, pickle.dumps(setup)):
-        if not channel.send(message):
-            break  # the child died at once; the supervisor reports its exit
+    try:
+        bootstrap = {"sys_path": list(sys.path), "cwd": os.getcwd(), **main_spec}
+        for message in (pickle.dumps(bootstrap), work, pickle.dumps(setup)):
+            if not channel.send(message):
+                break  # the child died at once; the supervisor reports its exit
+    except BaseException:  # a Ctrl-C before the caller holds the child: no one else would stop and reap it
+        channel.close()
+        popen.kill()
+        popen.wait(_SERVER_EXIT_WAIT_S)
+        raise
     return SpawnedProcess(popen), channel
 
 

@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -1156,6 +1157,24 @@ def test_a_ctrl_c_while_a_dropped_feeder_shuts_down_still_leaves_nothing_at_exit
         os.unlink(f"/dev/shm/{name}")
     assert prefix != "?", err[-3000:]
     assert not names and not left, f"left in /dev/shm: {names}; processes: {left}"
+
+
+def test_a_child_interpreter_whose_consumer_gave_up_before_it_began_exits_quietly():
+    """A Ctrl-C in the consumer while it started a worker's interpreter closed the pipe before the worker
+    had its setup: the worker printed an EOFError traceback, and was left unreaped."""
+    from mpfeed import launcher
+
+    parent_end, child_end = socket.socketpair()
+    child = subprocess.Popen(
+        [sys.executable, "-c", launcher._CHILD_PROGRAM, str(child_end.fileno()), launcher._PACKAGE_PARENT],
+        pass_fds=(child_end.fileno(),),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    child_end.close()
+    parent_end.close()  # what the consumer's clean-up does when interrupted mid-start
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 0 and "Traceback" not in err, err
 
 
 _IN_A_USER_NAMESPACE = """
