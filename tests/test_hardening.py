@@ -49,6 +49,18 @@ def _run_script(body: str) -> subprocess.Popen:
     )
 
 
+def _run_code(code: str, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``code`` (dedented) in a fresh interpreter that imports what the tests import; waits for it."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
 _DUMP_ON_SIGUSR1 = "import faulthandler, signal; faulthandler.register(signal.SIGUSR1, all_threads=True)\n"
 
 
@@ -956,8 +968,7 @@ def test_a_forked_child_exiting_does_not_stop_the_parents_feeder(close_in_child,
     calls close()) leaves the parent's workers running."""
     code = textwrap.dedent(_FORKS_A_CHILD).replace("START_METHOD", repr(start_method))
     code = code.replace("CLOSE_IN_CHILD", repr(close_in_child))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    done = _run_code(code, 120)
     assert done.returncode == 0 and done.stdout.split() == ["whole"], done.stderr[-3000:]
 
 
@@ -1042,14 +1053,7 @@ def test_workers_past_a_process_limit_are_refused_at_once_naming_it(limit, start
     if limit == "RLIMIT_NPROC":
         status, out, err = _run_held_to_nproc(code, 300)
     else:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-        done = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(code)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-        )
+        done = _run_code(code, 300)
         status, out, err = done.returncode, done.stdout, done.stderr
     assert status == 0, err[-3000:]
     kind, _, message = out.partition("\n")
@@ -1194,14 +1198,7 @@ def test_root_in_a_user_namespace_is_known_to_be_held_to_rlimit_nproc():
     """A new user namespace gives its process every capability, counted there only: the kernel still holds
     it to RLIMIT_NPROC, but mpfeed read its full CapEff as an exemption and explained a refused fork as
     "RLIMIT_NPROC does not apply"."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_IN_A_USER_NAMESPACE)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    done = _run_code(_IN_A_USER_NAMESPACE, 60)
     assert done.returncode == 0, done.stderr[-3000:]
     if done.stdout.startswith("unshare failed"):
         pytest.skip(f"no user namespace can be made here: {done.stdout.strip()}")
@@ -1268,14 +1265,20 @@ def test_a_worker_that_cannot_start_its_watch_thread_breaks_the_feeder_with_its_
     assert lines["children"] == "[]" and lines["left"] == "[]", out
 
 
-_AUTOTUNE_REFUSED = """
-    import logging, os, resource, sys, time, psutil, sources, mpfeed
+_WARNINGS_KEPT = """
+    import logging
 
-    refusals = []
+    refusals = []  # what mpfeed logs at WARNING and above
     handler = logging.Handler()
     handler.emit = lambda record: refusals.append(record.getMessage())
     handler.setLevel(logging.WARNING)
     logging.getLogger("mpfeed").addHandler(handler)
+"""
+
+_AUTOTUNE_REFUSED = (
+    _WARNINGS_KEPT
+    + """
+    import os, resource, sys, time, psutil, sources, mpfeed
     hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
     mine = [p.info["num_threads"] for p in psutil.process_iter(["uids", "num_threads"])
             if p.info["uids"] and p.info["uids"].real == os.getuid()]
@@ -1298,6 +1301,7 @@ _AUTOTUNE_REFUSED = """
     print("delivered", len(labels), labels == list(range(len(labels))), "after", seen)
     print("workers", stats.active_workers, len(stats.workers), children)
 """
+)
 
 
 def test_autotuning_past_a_limit_on_processes_keeps_the_workers_it_has_and_warns(start_method):
@@ -1317,14 +1321,10 @@ def test_autotuning_past_a_limit_on_processes_keeps_the_workers_it_has_and_warns
     assert children == started + (start_method == "forkserver"), out  # those refused left nothing
 
 
-_AUTOTUNE_IN_A_PIDS_CGROUP = """
-    import logging, os, time, psutil, sources, mpfeed
-
-    refusals = []
-    handler = logging.Handler()
-    handler.emit = lambda record: refusals.append(record.getMessage())
-    handler.setLevel(logging.WARNING)
-    logging.getLogger("mpfeed").addHandler(handler)
+_AUTOTUNE_IN_A_PIDS_CGROUP = (
+    _WARNINGS_KEPT
+    + """
+    import os, time, psutil, sources, mpfeed
     with open(os.path.join(GROUP, "cgroup.procs"), "w") as procs:
         procs.write(str(os.getpid()))
     labels, seen = [], None
@@ -1349,6 +1349,7 @@ _AUTOTUNE_IN_A_PIDS_CGROUP = """
     print("delivered", len(labels), labels == list(range(len(labels))), "after", seen)
     print("workers", stats.active_workers, len(stats.workers))
 """
+)
 
 
 def _pids_cgroup() -> str:
@@ -1368,15 +1369,8 @@ def test_autotuning_inside_a_cgroup_pids_limit_keeps_the_workers_it_has_and_warn
     code = _AUTOTUNE_IN_A_PIDS_CGROUP.replace("START_METHOD", repr(start_method)).replace(
         "GROUP", repr(group)
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     try:
-        done = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(code)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=240,
-        )
+        done = _run_code(code, 240)
     finally:
         with open(os.path.join(group, "cgroup.procs")) as procs:
             left = [int(pid) for pid in procs.read().split()]
