@@ -69,13 +69,14 @@ def refused(code: int, in_use: int | None = None) -> str:
 
 def cgroup_pids() -> tuple[int, int, str] | None:
     """The tightest pids.max over this process's cgroup and its ancestors (v2, or v1's pids controller):
-    ``(limit, tasks in it now, cgroup path)``; None when none is set (or none can be read)."""
+    ``(limit, tasks in it now, cgroup path)``, the one with the least room; None when none is set (or
+    none can be read)."""
     try:
         with open("/proc/self/cgroup") as file:
             lines = file.read().splitlines()
     except OSError:
         return None
-    tightest = None
+    found = []
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":
@@ -85,28 +86,23 @@ def cgroup_pids() -> tuple[int, int, str] | None:
         else:
             continue
         for base in bases:
-            found = _tightest_up(base, path)
-            if found is not None and (tightest is None or found[0] - found[1] < tightest[0] - tightest[1]):
-                tightest = found
-    return tightest
+            found.extend(_limits_up(base, path))
+    return min(found, key=lambda limit: limit[0] - limit[1], default=None)
 
 
-def _tightest_up(base: str, path: str) -> tuple[int, int, str] | None:
-    """The pids.max with the least room left, from ``path`` up to the root of the hierarchy at ``base``."""
-    tightest = None
+def _limits_up(base: str, path: str) -> list[tuple[int, int, str]]:
+    """Every pids.max set from ``path`` up to the root of the hierarchy at ``base``, with its use."""
+    limits = []
     while True:
         try:
             with open(f"{base}{path.rstrip('/')}/pids.max") as file:
                 limit = file.read().strip()
             with open(f"{base}{path.rstrip('/')}/pids.current") as file:
                 current = int(file.read())
+            if limit != "max":
+                limits.append((int(limit), current, path or "/"))
         except (OSError, ValueError):
-            limit = "max"
-            current = 0
-        if limit != "max":
-            found = (int(limit), current, path or "/")
-            if tightest is None or found[0] - found[1] < tightest[0] - tightest[1]:
-                tightest = found
+            pass
         if path in ("", "/"):
-            return tightest
+            return limits
         path = os.path.dirname(path.rstrip("/")) or "/"
