@@ -983,16 +983,27 @@ def test_hundreds_of_workers_start_under_the_fork_server_instead_of_timing_out(w
     assert time.monotonic() - started < 300  # generous: a hang bound, not a timing
 
 
-_PAST_A_LIMIT = """
+_ROOM_FOR = """
+    import os, resource, psutil
+
+    def leave_room_for(tasks):
+        # RLIMIT_NPROC: the processes and threads this user has now, and ``tasks`` more
+        mine = sum(p.info["num_threads"] for p in psutil.process_iter(["uids", "num_threads"])
+                   if p.info["uids"] and p.info["uids"].real == os.getuid())
+        hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+        resource.setrlimit(resource.RLIMIT_NPROC, (mine + tasks, hard))
+"""
+
+
+_PAST_A_LIMIT = (
+    _ROOM_FOR
+    + """
     import errno, os, resource, sys, time, psutil, sources, mpfeed
     limit = THE_LIMIT
     if limit == "RLIMIT_NOFILE":
         resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     else:
-        hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
-        mine = [p.info["num_threads"] for p in psutil.process_iter(["uids", "num_threads"])
-                if p.info["uids"] and p.info["uids"].real == os.getuid()]
-        resource.setrlimit(resource.RLIMIT_NPROC, (sum(mine) + 40, hard))
+        leave_room_for(40)
     started = time.monotonic()
     try:
         feeder = mpfeed.Feeder(sources.Numbers(10), workers=200, start_method=START_METHOD)
@@ -1003,6 +1014,7 @@ _PAST_A_LIMIT = """
         print("started")
         feeder.close()
 """
+)
 
 
 _CAP_SYS_ADMIN, _CAP_SYS_RESOURCE, _PR_CAPBSET_DROP, _NOBODY = 21, 24, 24, 65534
@@ -1063,8 +1075,10 @@ def test_workers_past_a_process_limit_are_refused_at_once_naming_it(limit, start
     assert f"({limit}, `ulimit" in message and "200 worker" in message, message
 
 
-_REFUSED_FORK = """
-    import errno, os, resource, psutil, sources, mpfeed
+_REFUSED_FORK = (
+    _ROOM_FOR
+    + """
+    import errno, psutil, sources, mpfeed
     from mpfeed.ring import Ring
 
     made = []  # the rings' names, to look for in /dev/shm afterwards
@@ -1076,11 +1090,7 @@ _REFUSED_FORK = """
         return ring
 
     Ring.create = recording
-    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
-    mine = [p.info["num_threads"] for p in psutil.process_iter(["uids", "num_threads"])
-            if p.info["uids"] and p.info["uids"].real == os.getuid()]
-    # 8 workers need 16 more (a process and a thread each): the kernel refuses one part way
-    resource.setrlimit(resource.RLIMIT_NPROC, (sum(mine) + 4, hard))
+    leave_room_for(4)  # 8 workers need 16 more (a process and a thread each): one is refused part way
     try:
         feeder = mpfeed.Feeder(
             sources.Numbers(10), workers=8, slot_bytes=4096, ring_memory="posix", start_method=START_METHOD
@@ -1095,6 +1105,7 @@ _REFUSED_FORK = """
     print("children", [p.pid for p in psutil.Process().children(recursive=True)])
     print("rings", made)
 """
+)
 
 
 def test_a_fork_the_kernel_refuses_part_way_is_one_error_naming_the_limit_and_leaves_nothing(start_method):
@@ -1225,14 +1236,13 @@ def test_a_fork_server_the_kernel_refuses_is_named_as_such():
     assert "spawning its interpreter failed with EAGAIN" in out, out
 
 
-_THREAD_REFUSED = """
-    import glob, os, resource, psutil, sources, mpfeed
+_THREAD_REFUSED = (
+    _ROOM_FOR
+    + """
+    import glob, psutil, sources, mpfeed
 
-    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
-    mine = [p.info["num_threads"] for p in psutil.process_iter(["uids", "num_threads"])
-            if p.info["uids"] and p.info["uids"].real == os.getuid()]
     # room for the 8 workers' processes (and the fork server), none for their threads
-    resource.setrlimit(resource.RLIMIT_NPROC, (sum(mine) + 8 + (START_METHOD == "forkserver"), hard))
+    leave_room_for(8 + (START_METHOD == "forkserver"))
     before = set(glob.glob("/dev/shm/*"))
     feeder = mpfeed.Feeder(
         sources.Numbers(50), workers=8, slot_bytes=4096, ring_memory="posix", start_method=START_METHOD
@@ -1247,6 +1257,7 @@ _THREAD_REFUSED = """
     print("children", [p.pid for p in psutil.Process().children(recursive=True)])
     print("left", sorted(set(glob.glob("/dev/shm/*")) - before))
 """
+)
 
 
 def test_a_worker_that_cannot_start_its_watch_thread_breaks_the_feeder_with_its_error_and_close_cleans_up(
@@ -1277,14 +1288,12 @@ _WARNINGS_KEPT = """
 
 _AUTOTUNE_REFUSED = (
     _WARNINGS_KEPT
+    + _ROOM_FOR
     + """
-    import os, resource, sys, time, psutil, sources, mpfeed
-    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
-    mine = [p.info["num_threads"] for p in psutil.process_iter(["uids", "num_threads"])
-            if p.info["uids"] and p.info["uids"].real == os.getuid()]
+    import psutil, sources, mpfeed
     # room for the feeder's first 2 workers (a process and a thread each), its server and threads, and
     # a few more; an I/O-bound source then asks for more than that
-    resource.setrlimit(resource.RLIMIT_NPROC, (sum(mine) + 12, hard))
+    leave_room_for(12)
     labels, seen = [], None
     with mpfeed.Feeder(
         sources.Waits(10**6, 0.01), workers="auto", max_workers=32, start_method=START_METHOD
